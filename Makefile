@@ -1,0 +1,25 @@
+# The two set-up commands of the README: `make up` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PACKAGES := $(wildcard */pyproject.toml) pyproject.toml
+
+.PHONY: up test install system-deps lint
+
+$(VENV)/.installed: $(PACKAGES) scripts/bootstrap.sh
+	scripts/bootstrap.sh
+
+install: $(VENV)/.installed
+
+system-deps:
+	scripts/bootstrap.sh --system
+
+## Run the whole stack on its embedded defaults, in the foreground (Ctrl-C stops it all).
+up: install
+	$(VENV)/bin/ragline up
+
+## Run the test suite against real processes on loopback.
+test: install system-deps
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

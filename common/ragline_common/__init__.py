@@ -1,0 +1,1 @@
+"""Pieces every ragline service shares. Kept small on purpose: no business logic here."""

@@ -1,0 +1,69 @@
+"""Pure ASGI middleware (never BaseHTTPMiddleware: it buffers and breaks streaming).
+
+`RequestContextMiddleware` takes `X-Request-ID` from nginx or the caller (or makes one),
+puts it in the logging context, echoes it on the response, and writes one access log line
+per request with its latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ragline_common.logs import request_id_var
+
+access_log = logging.getLogger("ragline.access")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        start = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"] not in _QUIET_PATHS:
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+                    },
+                )
+            request_id_var.reset(token)
+
+
+def request_headers() -> dict[str, str]:
+    """Headers to put on calls to upstream services so the request id follows the request."""
+    return {"x-request-id": request_id_var.get()}
