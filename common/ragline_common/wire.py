@@ -18,7 +18,9 @@ MetadataValue = str | int | float | bool
 # Filters: `{field: value}` means equality, `{field: [v1, v2]}` means membership.
 # A field is `doc_id`, `source`, `title` or a key of the document's metadata.
 FilterValue = MetadataValue | list[MetadataValue]
-Filters = dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], FilterValue]
+Filters = dict[
+    Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], FilterValue
+]
 
 MAX_QUERY_CHARS = 4000
 MAX_DOCUMENT_CHARS = 2_000_000

@@ -1,0 +1,42 @@
+"""Reading files into ingestible documents: the id is the path relative to what was named,
+so re-ingesting the same folder replaces documents instead of duplicating them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TEXT_SUFFIXES = {".md", ".markdown", ".txt", ".rst"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:/@-]+")
+
+
+def doc_id_for(path: Path, root: Path) -> str:
+    rel = path.relative_to(root) if path != root else Path(path.name)
+    return _UNSAFE.sub("-", rel.as_posix()).lstrip("-._/")[:256] or "document"
+
+
+def title_for(path: Path, text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return path.stem.replace("-", " ").replace("_", " ")
+
+
+def iter_documents(target: Path) -> Iterator[dict[str, Any]]:
+    root = target if target.is_dir() else target.parent
+    files = sorted(target.rglob("*")) if target.is_dir() else [target]
+    for path in files:
+        if not path.is_file() or path.suffix.lower() not in TEXT_SUFFIXES:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if not text:
+            continue
+        yield {
+            "id": doc_id_for(path, root),
+            "title": title_for(path, text),
+            "text": text,
+            "source": path.name,
+            "metadata": {"path": str(path.relative_to(root))},
+        }

@@ -1,0 +1,162 @@
+"""Start, watch and stop the local processes of the stack.
+
+Used by `ragline up` and by the tests alike, so the tests exercise the same start-up path
+a user runs. Readiness is polled with a deadline (never a fixed sleep); a process that
+dies while starting fails at once with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+import httpx
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ProcessFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    ready: Callable[[], bool] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal reaches only the supervisor
+        )
+        log.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                code = self.proc.returncode if self.proc else None
+                raise ProcessFailed(
+                    f"{self.name} exited with {code} while starting; log:\n{self.log_tail()}"
+                )
+            if self.ready is None or self.ready():
+                return
+            time.sleep(0.1)
+        raise ProcessFailed(f"{self.name} not ready after {timeout:.0f}s; log:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def http_ready(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+def python_service(
+    name: str, module: str, port: int, env: dict[str, str], log_dir: Path
+) -> ManagedProcess:
+    """One of the four services, run as `python -m MODULE` with its settings in `env`."""
+    return ManagedProcess(
+        name=name,
+        argv=[sys.executable, "-m", module],
+        env=env,
+        log_path=log_dir / f"{name}.log",
+        ready=http_ready(f"http://127.0.0.1:{port}/readyz"),
+    )
+
+
+def redis_server(port: int, workdir: Path) -> ManagedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        "redis-server",
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(workdir),
+        "--save", "",
+        "--appendonly", "no",
+        "--protected-mode", "yes",
+    ]  # fmt: skip
+
+    def ping() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    return ManagedProcess("redis", argv, workdir / "redis.log", ready=ping)
+
+
+NGINX_TEMPLATE = Path(__file__).resolve().parents[2] / "nginx" / "nginx.conf.template"
+
+
+def nginx(port: int, gateway: str, prefix: Path, web_root: Path) -> ManagedProcess:
+    """The repo's nginx config, rendered into `prefix` and run unprivileged in the foreground."""
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    conf = Template(NGINX_TEMPLATE.read_text()).substitute(
+        prefix=prefix, listen=f"127.0.0.1:{port}", gateway=gateway, web_root=web_root
+    )
+    (prefix / "nginx.conf").write_text(conf)
+    argv = [
+        nginx_binary(), "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+        "-e", str(prefix / "error.log"), "-g", "daemon off;",
+    ]  # fmt: skip
+    return ManagedProcess(
+        "nginx", argv, prefix / "nginx.out", ready=http_ready(f"http://127.0.0.1:{port}/healthz")
+    )
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"

@@ -1,0 +1,53 @@
+"""How numbered passages travel inside a chat prompt.
+
+The gateway writes the retrieved passages into the user message in this layout; any LLM
+reads it as plain text, and llm-svc's offline extractive engine parses it back, so both
+sides use these two functions:
+
+    Sources:
+    [1] Title one
+    text of passage one
+
+    [2] Title two
+    text of passage two
+
+    Question: the user's question
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SOURCES_HEADER = "Sources:"
+QUESTION_PREFIX = "Question:"
+_PASSAGE_START = re.compile(r"^\[(\d+)\] ?(.*)$")
+
+
+@dataclass(frozen=True)
+class Passage:
+    n: int
+    title: str
+    text: str
+
+
+def render_sources(passages: list[Passage], question: str) -> str:
+    blocks = [f"[{p.n}] {p.title}".rstrip() + "\n" + " ".join(p.text.split()) for p in passages]
+    return f"{SOURCES_HEADER}\n" + "\n\n".join(blocks) + f"\n\n{QUESTION_PREFIX} {question}"
+
+
+def parse_sources(content: str) -> tuple[list[Passage], str]:
+    """Inverse of `render_sources`; text that does not follow the layout yields no passages."""
+    head, sep, question = content.rpartition(f"\n{QUESTION_PREFIX} ")
+    if not sep:
+        return [], content.strip()
+    _, found, body = head.partition(SOURCES_HEADER)
+    if not found:
+        return [], question.strip()
+    passages: list[Passage] = []
+    for block in body.strip().split("\n\n"):
+        first, _, text = block.partition("\n")
+        match = _PASSAGE_START.match(first.strip())
+        if match:
+            passages.append(Passage(int(match.group(1)), match.group(2).strip(), text.strip()))
+    return passages, question.strip()

@@ -1,0 +1,223 @@
+"""HTTP only: parse and bound the input, admit, run the pipeline, render. The logic lives
+in pipeline.py; the wire formats in streaming.py."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ragline_common.errors import ApiError
+from ragline_common.responses import JsonResponse
+from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN, IngestRequest
+from ragline_gateway.admission import Admission, Ticket
+from ragline_gateway.clients.base import UpstreamError
+from ragline_gateway.memory import Turn
+from ragline_gateway.pipeline import AnswerPipeline, PreparedAnswer, Question
+from ragline_gateway.protocol import ChatRequest, OpenAIChatRequest
+from ragline_gateway.settings import GatewaySettings
+from ragline_gateway.streaming import AnswerResponse, OpenAIChunks, native_sse, openai_completion
+
+router = APIRouter()
+
+
+def _valid(pattern: str, value: str) -> bool:
+    return re.match(pattern, value) is not None
+
+
+DEFAULT_MODEL = "ragline"
+
+
+def _state(request: Request) -> tuple[GatewaySettings, AnswerPipeline, Admission]:
+    app = request.app.state
+    return app.settings, app.pipeline, app.admission
+
+
+def _check_question(settings: GatewaySettings, text: str, top_k: int | None) -> None:
+    if not text.strip():
+        raise ApiError(422, "invalid_request", "the question is empty")
+    if len(text) > settings.max_question_chars:
+        raise ApiError(
+            422, "question_too_long",
+            f"the question has {len(text)} characters; the limit is {settings.max_question_chars}",
+        )  # fmt: skip
+    if top_k is not None and top_k > settings.max_top_k:
+        raise ApiError(422, "invalid_request", f"top_k must be at most {settings.max_top_k}")
+
+
+async def _prepare(pipeline: AnswerPipeline, ticket: Ticket, q: Question) -> PreparedAnswer:
+    try:
+        return await pipeline.prepare(q)
+    except BaseException:
+        ticket.release()
+        raise
+
+
+def _respond(prepared: PreparedAnswer, ticket: Ticket, body: Any) -> AnswerResponse:
+    async def on_close() -> None:
+        ticket.release()
+        await prepared.stream.aclose()
+
+    return AnswerResponse(body, on_close)
+
+
+@router.post("/api/chat")
+async def chat(body: ChatRequest, request: Request) -> Response:
+    settings, pipeline, admission = _state(request)
+    _check_question(settings, body.message, body.top_k)
+    ticket = admission.admit(dict(request.headers))
+    q = Question(
+        text=body.message,
+        collection=body.collection or settings.default_collection,
+        endpoint="api_chat",
+        filters=body.filters,
+        top_k=body.top_k,
+        conversation_id=body.conversation_id,
+    )
+    prepared = await _prepare(pipeline, ticket, q)
+    return _respond(prepared, ticket, native_sse(pipeline.events(prepared)))
+
+
+def _openai_question(
+    settings: GatewaySettings, body: OpenAIChatRequest, request: Request
+) -> Question:
+    unsupported = body.unsupported_fields()
+    if unsupported:
+        raise ApiError(
+            400, "unsupported_parameter", f"unsupported parameters: {', '.join(unsupported)}"
+        )
+    try:
+        texts = [(m.role, m.text()) for m in body.messages]
+    except ValueError as exc:
+        raise ApiError(400, "unsupported_parameter", str(exc)) from exc
+    if texts[-1][0] != "user":
+        raise ApiError(422, "invalid_request", "the last message must be the user's question")
+    question = texts[-1][1]
+    _check_question(settings, question, body.top_k)
+    # Earlier user/assistant pairs are the conversation so far.
+    history: list[Turn] = []
+    pending: str | None = None
+    for role, text in texts[:-1]:
+        if role == "user":
+            pending = text
+        elif role == "assistant" and pending is not None:
+            history.append(Turn(pending, text))
+            pending = None
+    collection = body.collection or (
+        body.model if body.model != DEFAULT_MODEL else settings.default_collection
+    )
+    conversation_id = body.conversation_id or request.headers.get("x-openwebui-chat-id") or None
+    return Question(
+        text=question,
+        collection=collection,
+        endpoint="openai",
+        filters=body.filters,
+        top_k=body.top_k,
+        conversation_id=conversation_id,
+        history=history,
+        sampling={
+            "max_tokens": body.max_completion_tokens or body.max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "seed": body.seed,
+            "stop": body.stop,
+        },
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: OpenAIChatRequest, request: Request) -> Response:
+    settings, pipeline, admission = _state(request)
+    q = _openai_question(settings, body, request)
+    if not _valid(COLLECTION_PATTERN, q.collection):
+        raise ApiError(
+            404, "collection_not_found", f"no model or collection named {q.collection!r}"
+        )
+    ticket = admission.admit(dict(request.headers))
+    prepared = await _prepare(pipeline, ticket, q)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = OpenAIChunks(prepared, body.model, include_usage)
+        return _respond(prepared, ticket, chunks.render(pipeline.events(prepared)))
+    try:
+        return JsonResponse(
+            await openai_completion(prepared, body.model, pipeline.events(prepared))
+        )
+    finally:
+        ticket.release()
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    names = await _forward(request, "GET", "/v1/collections", None)
+    collections = [c["name"] for c in names.get("collections", [])]
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "ragline"}
+            for name in [DEFAULT_MODEL, *collections]
+        ],
+    }
+
+
+# --- document management, forwarded to retriever-svc (admin scope comes with auth) ------
+
+
+async def _forward(request: Request, method: str, path: str, body: dict[str, Any] | None) -> Any:
+    retriever = request.app.state.retriever
+    try:
+        return await retriever.forward(method, path, body, timeout=300.0)
+    except UpstreamError as exc:
+        if exc.status is not None and 400 <= exc.status < 500:
+            raise ApiError(exc.status, exc.error_code or "bad_request", exc.error_message) from exc
+        raise ApiError(503, "retriever_unavailable", "the document index is unavailable") from exc
+
+
+@router.get("/api/collections")
+async def list_collections(request: Request) -> Any:
+    return await _forward(request, "GET", "/v1/collections", None)
+
+
+@router.post("/api/collections/{collection}/documents")
+async def ingest(collection: str, body: IngestRequest, request: Request) -> Any:
+    if not _valid(COLLECTION_PATTERN, collection):
+        raise ApiError(422, "invalid_collection", f"collection names match {COLLECTION_PATTERN}")
+    return await _forward(
+        request, "POST", f"/v1/collections/{collection}/documents", body.model_dump(mode="json")
+    )
+
+
+@router.delete("/api/collections/{collection}/documents/{doc_id:path}")
+async def delete_document(collection: str, doc_id: str, request: Request) -> Any:
+    if not _valid(COLLECTION_PATTERN, collection) or not _valid(DOC_ID_PATTERN, doc_id):
+        raise ApiError(422, "invalid_request", "invalid collection name or document id")
+    return await _forward(
+        request, "DELETE", f"/v1/collections/{collection}/documents/{doc_id}", None
+    )
+
+
+@router.get("/readyz", include_in_schema=False)
+async def readyz(request: Request) -> Response:
+    """Ready when the services an answer cannot do without answer; the reranker is optional
+    (its loss degrades answers, it does not stop them)."""
+    state = request.app.state
+    upstreams = {"retriever": state.retriever, "llm": state.llm, "reranker": state.reranker}
+
+    async def probe(client: Any) -> bool:
+        try:
+            await client.call("GET", "/readyz", 2.0)
+            return True
+        except UpstreamError:
+            return False
+
+    results = dict(
+        zip(upstreams, await asyncio.gather(*(probe(c) for c in upstreams.values())), strict=True)
+    )
+    ready = results["retriever"] and results["llm"] and not state.draining
+    return JsonResponse(
+        {"status": "ready" if ready else "not_ready", "upstreams": results},
+        status_code=200 if ready else 503,
+    )

@@ -1,0 +1,1 @@
+"""One pooled httpx.AsyncClient per upstream service, held for the process lifetime."""

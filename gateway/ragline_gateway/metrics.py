@@ -1,0 +1,35 @@
+"""`ragline_*` metrics for what the user feels (ARCHITECTURE.md, Conventions)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "ragline_time_to_first_token_seconds",
+    "From request arrival at the gateway to the first answer token sent.",
+    ["endpoint"],
+    buckets=_LATENCY_BUCKETS,
+)
+INTER_TOKEN = Histogram(
+    "ragline_inter_token_seconds", "Gap between consecutive relayed tokens.", buckets=_TOKEN_BUCKETS
+)
+STAGE_DURATION = Histogram(
+    "ragline_stage_duration_seconds",
+    "Duration of each pipeline stage.",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+ACTIVE_STREAMS = Gauge("ragline_active_streams", "Answer streams open on this replica.")
+DEGRADED_ANSWERS = Counter(
+    "ragline_degraded_answers_total", "Answers served degraded, by failed stage.", ["stage"]
+)
+UPSTREAM_ERRORS = Counter(
+    "ragline_upstream_errors_total", "Failed calls to upstream services.", ["upstream"]
+)
+CLIENT_DISCONNECTS = Counter(
+    "ragline_client_disconnects_total", "Streams the client closed before the answer ended."
+)
+ANSWERS = Counter("ragline_answers_total", "Answers by outcome.", ["outcome"])

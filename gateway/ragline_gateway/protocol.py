@@ -1,0 +1,84 @@
+"""Public wire models of the gateway: the native `/api/chat` body and the OpenAI-compatible
+chat request with ragline's optional extra fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from ragline_common.wire import DOC_ID_PATTERN, CollectionName, Filters
+
+ConversationId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN)]
+
+
+class ChatRequest(BaseModel):
+    """Body of `POST /api/chat`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+    conversation_id: ConversationId | None = None
+    collection: CollectionName | None = None
+    filters: Filters = Field(default_factory=dict, max_length=16)
+    top_k: int | None = Field(default=None, ge=1)
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    # OpenAI allows content parts; text parts are joined, others are refused.
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if self.content is None:
+            return ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+# Accepted and ignored (documented in the README): they tune sampling in ways the answer's
+# reader cannot rely on, and OpenAI SDKs and chat UIs send them by default.
+IGNORED_FIELDS = frozenset({"presence_penalty", "frequency_penalty", "metadata", "store"})
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIChatRequest(BaseModel):
+    """OpenAI Chat Completions request. Fields that change generation in ways ragline does
+    not support (n>1, tools, logprobs, ...) are refused with 400 instead of silently
+    ignored; see `unsupported_fields`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=200)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=8192)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=None, ge=1, le=1)
+    user: str | None = None
+    # ragline extras
+    collection: CollectionName | None = None
+    filters: Filters = Field(default_factory=dict, max_length=16)
+    top_k: int | None = Field(default=None, ge=1)
+    conversation_id: ConversationId | None = None
+
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        extra = self.model_extra or {}
+        return sorted(k for k, v in extra.items() if k not in IGNORED_FIELDS and v is not None)

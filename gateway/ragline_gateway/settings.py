@@ -1,0 +1,43 @@
+"""Gateway settings (env prefix `RAGLINE_GATEWAY_`); the README's gateway table lists them."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from ragline_common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RAGLINE_GATEWAY_", extra="ignore")
+
+    port: int = 8000
+    retriever_url: str = "http://127.0.0.1:8001"
+    reranker_url: str = "http://127.0.0.1:8002"
+    llm_url: str = "http://127.0.0.1:8003"
+    # Empty: conversation memory lives in this process (single replica only; logged).
+    redis_url: str = ""
+
+    default_collection: str = "default"
+    llm_model: str = Field(default="", description="model name sent to llm-svc; empty: ask it")
+    max_tokens: int = Field(default=512, ge=1, le=8192)
+    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+
+    retrieve_candidates: int = Field(default=50, ge=1, le=200)
+    rerank_top_n: int = Field(default=5, ge=1, le=50)
+    max_question_chars: int = Field(default=4000, ge=1, le=100_000)
+    max_top_k: int = Field(default=20, ge=1, le=50)
+
+    # Per-stage timeouts (s): each stage fails on its own and degrades as ARCHITECTURE.md says.
+    retrieve_timeout_s: float = Field(default=10.0, gt=0)
+    rerank_timeout_s: float = Field(default=5.0, gt=0)
+    memory_timeout_s: float = Field(default=0.5, gt=0)
+    llm_connect_timeout_s: float = Field(default=10.0, gt=0)
+    llm_first_token_timeout_s: float = Field(default=60.0, gt=0)
+    llm_idle_timeout_s: float = Field(default=60.0, gt=0)
+    keepalive_interval_s: float = Field(default=15.0, gt=0)
+
+    max_inflight_streams: int = Field(default=512, ge=1)
+    history_turns: int = Field(default=6, ge=0, le=50)
+    history_ttl_s: int = Field(default=86_400, ge=60)
+    upstream_pool_size: int = Field(default=200, ge=1)

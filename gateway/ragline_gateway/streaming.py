@@ -1,0 +1,168 @@
+"""Rendering pipeline events on the wire: native SSE (`/api/chat`) and OpenAI chunks
+(`/v1/chat/completions`), plus the response class both use.
+
+Per-token work is kept to one orjson call and a bytes join: the prefix and suffix of an
+OpenAI token chunk are built once per answer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from ragline_common.errors import ApiError
+from ragline_gateway.pipeline import Event, PreparedAnswer, Source
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PING = b": ping\n\n"
+
+
+class AnswerResponse(StreamingResponse):
+    """A streaming response that always runs `on_close`, even when the client left before
+    the body was started (the upstream stream and the admission ticket are released)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.on_close()
+
+
+def sse(event: str, data: Any) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+async def native_sse(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    async for name, payload in events:
+        if name == "token":
+            yield b"event: token\ndata: " + orjson.dumps({"text": payload}) + b"\n\n"
+        elif name == "ping":
+            yield PING
+        else:
+            yield sse(name, payload)
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def url_citations(sources: list[Source]) -> list[dict[str, Any]]:
+    """Sources as OpenAI `url_citation` annotations, the form chat UIs show as citations."""
+    return [
+        {
+            "type": "url_citation",
+            "url_citation": {
+                "url": s.url or f"ragline:doc/{s.doc_id}",
+                "title": f"[{s.n}] {s.title or s.doc_id}",
+                "content": s.text,
+                "start_index": 0,
+                "end_index": 0,
+            },
+        }
+        for s in sources
+    ]
+
+
+class OpenAIChunks:
+    """Renders one answer as `chat.completion.chunk` SSE frames."""
+
+    def __init__(self, p: PreparedAnswer, model: str, include_usage: bool) -> None:
+        self.p = p
+        self.model = model
+        self.include_usage = include_usage
+        self.id = completion_id()
+        self.created = int(time.time())
+        head = orjson.dumps(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": model,
+            }
+        )
+        self._token_prefix = b"data: " + head[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        self._token_suffix = b'},"finish_reason":null}]}\n\n'
+
+    def _frame(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": choices, **extra}  # fmt: skip
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    async def render(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        async for name, payload in events:
+            if name == "token":
+                yield self._token_prefix + orjson.dumps(payload) + self._token_suffix
+            elif name == "sources":
+                sources = self.p.sources
+                delta = {"role": "assistant", "content": "", "annotations": url_citations(sources)}
+                yield self._frame(
+                    [{"index": 0, "delta": delta, "finish_reason": None}],
+                    sources=payload["sources"],
+                    conversation_id=self.p.conversation_id,
+                )
+            elif name == "ping":
+                yield PING
+            elif name == "done":
+                yield self._frame(
+                    [{"index": 0, "delta": {}, "finish_reason": payload["finish_reason"]}],
+                    ragline={k: payload[k] for k in ("degraded", "timings", "cached")},
+                )
+                if self.include_usage:
+                    yield self._frame([], usage=payload["usage"] or None)
+                yield b"data: [DONE]\n\n"
+            elif name == "error":
+                yield (
+                    b"data: "
+                    + orjson.dumps({"error": {**payload, "type": "server_error"}})
+                    + b"\n\n"
+                )
+
+
+async def openai_completion(
+    p: PreparedAnswer, model: str, events: AsyncIterator[Event]
+) -> dict[str, Any]:
+    """The non-streamed OpenAI response; an upstream failure mid-answer raises ApiError."""
+    parts: list[str] = []
+    done: dict[str, Any] = {}
+    async for name, payload in events:
+        if name == "token":
+            parts.append(payload)
+        elif name == "done":
+            done = payload
+        elif name == "error":
+            raise ApiError(502, payload["code"], payload["message"])
+    return {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "".join(parts),
+                    "annotations": url_citations(p.sources),
+                },
+                "finish_reason": done.get("finish_reason", "stop"),
+            }
+        ],
+        "usage": done.get("usage") or None,
+        "sources": [s.as_dict() for s in p.sources],
+        "conversation_id": p.conversation_id,
+        "ragline": {k: done.get(k) for k in ("degraded", "timings", "cached")},
+    }

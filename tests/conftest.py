@@ -1,0 +1,64 @@
+"""Shared fixtures: the whole stack on free loopback ports, started once per test session.
+
+It is the same `Stack` that `ragline up` runs, with the repo's sample corpus ingested
+through nginx. nginx and redis-server are required (`make test` installs them); a test
+session without them fails with that message instead of silently testing less.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ragline_cli.main import ingest
+from ragline_cli.processes import free_port
+from ragline_cli.stack import REPO_ROOT, Stack, StackConfig
+
+SAMPLES = REPO_ROOT / "samples"
+# The offline engine's pace, so streams are visibly incremental (see test_end_to_end).
+TOKEN_INTERVAL_MS = 20
+
+
+def require_binaries() -> None:
+    missing = [
+        b
+        for b in ("nginx", "redis-server")
+        if not (shutil.which(b) or Path(f"/usr/sbin/{b}").exists())
+    ]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not installed: run `make test` (it installs them)")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    require_binaries()
+    base = tmp_path_factory.mktemp("stack")
+    config = StackConfig(
+        run_dir=base / "run",
+        data_dir=base / "data",
+        nginx_port=free_port(),
+        gateway_port=free_port(),
+        retriever_port=free_port(),
+        reranker_port=free_port(),
+        llm_port=free_port(),
+        redis_port=free_port(),
+        extra_env={"llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS)}},
+    )
+    with Stack(config) as running:
+        ingest(config.public_url, SAMPLES, "default")
+        yield running
+
+
+@pytest.fixture(scope="session")
+def public_url(stack: Stack) -> str:
+    return f"http://127.0.0.1:{stack.config.nginx_port}"
+
+
+@pytest.fixture()
+def client(public_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=public_url, timeout=httpx.Timeout(60.0)) as c:
+        yield c
