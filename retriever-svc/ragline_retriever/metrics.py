@@ -1,0 +1,29 @@
+"""The `ragline_*` metrics of retriever-svc: what a user of retrieval feels."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+SEARCH_SECONDS = Histogram(
+    "ragline_retriever_search_duration_seconds",
+    "Duration of one backend search (dense includes query embedding), by backend role.",
+    ["backend"],
+    buckets=_LATENCY_BUCKETS,
+)
+DEGRADED = Counter(
+    "ragline_retriever_degraded_total",
+    "Retrievals answered without one backend, by the backend that was missing.",
+    ["backend"],
+)
+INGESTED_CHUNKS = Counter(
+    "ragline_retriever_ingested_chunks_total",
+    "Chunks written to both indexes.",
+)
+EMBEDDING_SECONDS = Histogram(
+    "ragline_retriever_embedding_duration_seconds",
+    "Time to embed a query or a batch of passages.",
+    ["kind"],
+    buckets=(*_LATENCY_BUCKETS, 30.0, 60.0, 120.0),
+)

