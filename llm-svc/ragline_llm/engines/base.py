@@ -1,0 +1,62 @@
+"""The engine interface that serving.py drives.
+
+An engine turns a `GenerationRequest` into an async stream of `GenerationDelta`s. The last
+delta carries `finish_reason`. Closing or cancelling the stream before that (the client
+went away: Starlette cancels the response generator) must stop the generation in the
+engine; serving.py closes the stream and counts the abort in
+`ragline_generation_aborts_total`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from prometheus_client import Counter
+
+from ragline_common.wire import ChatMessage
+
+FinishReason = Literal["stop", "length", "abort"]
+
+GENERATION_ABORTS = Counter(
+    "ragline_generation_aborts_total",
+    "Generations aborted in the engine because the client went away",
+    ["engine"],
+)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    messages: list[ChatMessage]
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0  # totals so far, not increments
+    completion_tokens: int = 0
+
+
+class Engine(Protocol):
+    name: str  # engine kind, the `engine` label of metrics
+    model_name: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """An async generator; raises `ragline_common.errors.ApiError` for a bad request
+        (e.g. prompt too long) before its first delta."""
+        ...

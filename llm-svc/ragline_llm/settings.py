@@ -1,0 +1,40 @@
+"""llm-svc settings: environment variables prefixed `RAGLINE_LLM_`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from ragline_common.settings import ServiceSettings
+
+
+class LlmSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="RAGLINE_LLM_", extra="ignore")
+
+    port: int = 8003
+    engine: Literal["extractive", "vllm"] = "extractive"
+    # The name listed by /v1/models and echoed in responses. Defaults to
+    # `ragline-extractive` for the extractive engine and to `vllm_model` for vLLM.
+    model_name: str = ""
+    max_concurrency: int = Field(default=64, ge=1)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    default_max_tokens: int = Field(default=512, ge=1)
+    # Extractive engine: pause between streamed words (0 disables).
+    token_interval_ms: float = Field(default=15.0, ge=0, le=10_000)
+    # vLLM engine.
+    vllm_model: str = ""
+    vllm_dtype: str = "auto"
+    vllm_max_model_len: int | None = Field(default=None, ge=16)
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    vllm_enforce_eager: bool = False
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> LlmSettings:
+        if self.engine == "vllm" and not self.vllm_model:
+            raise ValueError("RAGLINE_LLM_ENGINE=vllm needs RAGLINE_LLM_VLLM_MODEL")
+        if not self.model_name:
+            self.model_name = self.vllm_model if self.engine == "vllm" else "ragline-extractive"
+        return self

@@ -1,0 +1,51 @@
+"""reranker-svc application: loads the scorer before it reports ready."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ragline_common.service import create_app
+from ragline_reranker.api import RerankerState, router
+from ragline_reranker.batching import MicroBatcher
+from ragline_reranker.scorers import build_scorer
+from ragline_reranker.settings import RerankerSettings
+
+log = logging.getLogger("ragline.reranker")
+
+
+def build_app(settings: RerankerSettings | None = None) -> FastAPI:
+    settings = settings or RerankerSettings()
+    state = RerankerState()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scorer, warning = await asyncio.to_thread(build_scorer, settings)
+        if warning:
+            log.warning(warning, extra={"scorer": scorer.kind, "model": scorer.model_name})
+        batcher = MicroBatcher(
+            scorer,
+            max_batch_pairs=settings.max_batch_pairs,
+            max_queue_pairs=settings.max_queue_pairs,
+        )
+        batcher.start()
+        state.scorer, state.batcher, state.warning = scorer, batcher, warning
+        state.ready = True
+        log.info(
+            "reranker ready",
+            extra={"scorer": scorer.kind, "model": scorer.model_name, "device": scorer.device},
+        )
+        try:
+            yield
+        finally:
+            state.ready = False
+            await batcher.close()
+
+    app = create_app("ragline reranker-svc", lifespan)
+    app.state.reranker = state
+    app.include_router(router)
+    return app

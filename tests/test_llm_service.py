@@ -1,0 +1,335 @@
+"""llm-svc with the offline extractive engine, against real processes on loopback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ragline_cli.processes import ManagedProcess, free_port, python_service
+from ragline_common.passages import Passage, render_sources
+from ragline_llm.engines.extractive import (
+    NOTHING_FOUND,
+    compose_answer,
+    content_terms,
+    pick_sentences,
+    stem,
+)
+
+PASSAGES = [
+    Passage(1, "Bananas", "Bananas are yellow when ripe. They grow in tropical regions."),
+    Passage(
+        2,
+        "Sourdough",
+        "A sourdough starter is a culture of flour and water. After feeding, a healthy "
+        "starter doubles in volume within four to eight hours at room temperature. "
+        "Bakers keep it in a jar.",
+    ),
+    Passage(3, "Rivers", "The Nile is one of the longest rivers in the world."),
+]
+QUESTION = "How long does a sourdough starter take to double in volume after feeding?"
+PROMPT = render_sources(PASSAGES, QUESTION)
+MESSAGES = [
+    {"role": "system", "content": "Answer from the sources; cite them as [n]."},
+    {"role": "user", "content": PROMPT},
+]
+LONG_PROMPT = render_sources(
+    [
+        Passage(
+            n,
+            f"Sourdough {n}",
+            f"Sourdough starter number {n} doubles in volume after feeding when it is kept "
+            "warm, fed with fresh flour and water, and stirred well every single day.",
+        )
+        for n in range(1, 4)
+    ],
+    QUESTION,
+)
+
+
+def start(name: str, env: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, str]:
+    port = free_port()
+    proc = python_service(
+        name, "ragline_llm", port, {"RAGLINE_LLM_PORT": str(port), **env}, log_dir
+    )
+    proc.start()
+    try:
+        proc.wait_ready(timeout=60)
+    except Exception:
+        proc.stop()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def metric(base_url: str, name: str) -> float:
+    families = text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text)
+    return sum(s.value for fam in families for s in fam.samples if s.name == name)
+
+
+def assert_envelope(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+def sse_data(line: str) -> dict | str | None:
+    if not line.startswith("data: "):
+        return None
+    payload = line[len("data: ") :]
+    return payload if payload == "[DONE]" else orjson.loads(payload)
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("llm-logs")
+
+
+@pytest.fixture(scope="module")
+def url(log_dir: Path) -> Iterator[str]:
+    proc, base = start("llm", {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "15"}, log_dir)
+    yield base
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_single_url(log_dir: Path) -> Iterator[str]:
+    proc, base = start(
+        "llm-slow",
+        {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "250", "RAGLINE_LLM_MAX_CONCURRENCY": "1"},
+        log_dir,
+    )
+    yield base
+    proc.stop()
+
+
+# --- the sentence picker, no process ---------------------------------------------------
+
+
+def test_picker_finds_the_answer_sentence_and_its_passage() -> None:
+    picks = pick_sentences(PASSAGES, QUESTION)
+    assert picks, "expected at least one sentence"
+    assert 1 <= len(picks) <= 3
+    assert picks[0].n == 2
+    assert "four to eight hours" in picks[0].sentence
+    assert all(p.n != 1 for p in picks)  # bananas share no content word with the question
+    answer = compose_answer(PROMPT)
+    assert answer.startswith(picks[0].sentence + " [2]")
+
+
+def test_picker_normalises_words_and_handles_no_sources() -> None:
+    for variants in (("double", "doubles", "doubled", "doubling"), ("feed", "feeding", "feeds")):
+        assert len({stem(v) for v in variants}) == 1, variants
+    assert content_terms("Starters doubled after feeding") == content_terms("starter doubles feed")
+    assert "the" not in content_terms("the The THE")
+    assert pick_sentences(PASSAGES, "the of and") == []
+    assert pick_sentences([], QUESTION) == []
+    assert compose_answer("just a question with no sources") == NOTHING_FOUND
+
+
+# --- the service ----------------------------------------------------------------------
+
+
+def test_non_stream_answer_cites_the_passage(url: str) -> None:
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    assert body["model"] == "ragline-extractive"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert "four to eight hours" in choice["message"]["content"]
+    assert "[2]" in choice["message"]["content"]
+    assert "[1]" not in choice["message"]["content"]
+    assert choice["finish_reason"] == "stop"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == len(choice["message"]["content"].split())
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_max_tokens_cuts_with_finish_reason_length(url: str) -> None:
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 3}, timeout=10
+    )
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert len(choice["message"]["content"].split()) == 3
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_stream_is_incremental_and_ends_with_done(url: str) -> None:
+    arrivals: list[float] = []
+    chunks: list[dict] = []
+    frames: list[dict | str] = []
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json={"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}},
+        timeout=30,
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache"
+        assert r.headers["x-accel-buffering"] == "no"
+        for line in r.iter_lines():
+            data = sse_data(line)
+            if data is None:
+                continue
+            frames.append(data)
+            if (
+                isinstance(data, dict)
+                and data["choices"]
+                and data["choices"][0]["delta"].get("content")
+            ):
+                arrivals.append(time.perf_counter())
+                chunks.append(data)
+
+    assert frames[-1] == "[DONE]"
+    first = frames[0]
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert len({f["id"] for f in frames[:-1]}) == 1
+    final = frames[-3]
+    assert final["choices"][0]["finish_reason"] == "stop"
+    usage_chunk = frames[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == len(chunks)
+
+    assert len(chunks) >= 5
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    assert "four to eight hours" in text and "[2]" in text
+    # Paced at 15 ms a token: the first chunk arrives well before the last.
+    assert arrivals[-1] - arrivals[0] >= 0.6 * 0.015 * (len(chunks) - 1)
+
+
+def test_stock_openai_sdk_stream_and_non_stream(url: str) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["ragline-extractive"]
+
+    completion = client.chat.completions.create(model="ragline-extractive", messages=MESSAGES)
+    answer = completion.choices[0].message.content
+    assert "[2]" in answer and completion.choices[0].finish_reason == "stop"
+
+    stream = client.chat.completions.create(
+        model="ragline-extractive", messages=MESSAGES, stream=True
+    )
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == answer
+    assert finish == "stop"
+
+
+def test_models_endpoint(url: str) -> None:
+    body = httpx.get(f"{url}/v1/models", timeout=10).json()
+    assert body["object"] == "list"
+    assert body["data"][0]["id"] == "ragline-extractive"
+    assert body["data"][0]["object"] == "model"
+    ready = httpx.get(f"{url}/readyz", timeout=10).json()
+    assert ready == {"status": "ready", "engine": "extractive", "model": "ragline-extractive"}
+
+
+def test_client_disconnect_aborts_generation(url: str) -> None:
+    name = "ragline_generation_aborts_total"
+    before = metric(url, name)
+    tokens_before = metric(url, "ragline_llm_tokens_generated_total")
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": LONG_PROMPT}], "stream": True},
+        timeout=30,
+    ) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            data = sse_data(line)
+            if isinstance(data, dict) and data["choices"][0]["delta"].get("content"):
+                break  # leave mid-answer: closing the response drops the connection
+
+    deadline = time.monotonic() + 10
+    while metric(url, name) < before + 1 and time.monotonic() < deadline:
+        pass  # polling /metrics over HTTP, with a deadline
+    assert metric(url, name) == before + 1
+    # Generation stopped: far fewer tokens than the ~70-word answer were made.
+    assert metric(url, "ragline_llm_tokens_generated_total") - tokens_before < 30
+    assert metric(url, "ragline_llm_active_requests") == 0
+
+
+def test_overload_past_max_concurrency_is_503(slow_single_url: str) -> None:
+    url = slow_single_url
+    request = {"messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=request, timeout=30) as held:
+        assert held.status_code == 200
+        # Keep the line iterator referenced: dropping a half-read httpx iterator closes the
+        # connection, which the server rightly treats as a disconnect.
+        lines = held.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                break  # the one slot is taken
+        refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES})
+        assert_envelope(refused, 503, "overloaded")
+        assert refused.headers["retry-after"] == "1"
+        assert metric(url, "ragline_llm_active_requests") == 1
+        del lines
+
+    # The held stream was dropped, so its slot comes back.
+    deadline = time.monotonic() + 10
+    while True:
+        r = httpx.post(
+            f"{url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1}, timeout=30
+        )
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        ({"messages": []}, 422, "invalid_request"),
+        ({"messages": MESSAGES, "n": 2}, 400, "unsupported_parameter"),
+        ({"messages": "hello"}, 422, "invalid_request"),
+        ({"messages": [{"role": "user", "content": 5}]}, 422, "invalid_request"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "invalid_request"),
+        ({"messages": MESSAGES, "max_tokens": 0}, 422, "invalid_request"),
+        ({"messages": MESSAGES, "max_tokens": "many"}, 422, "invalid_request"),
+        ({"messages": MESSAGES, "temperature": 9}, 422, "invalid_request"),
+        ({"messages": MESSAGES, "max_tokens": 20000}, 400, "max_tokens_too_large"),
+    ],
+    ids=[
+        "empty-messages",
+        "n-2",
+        "messages-string",
+        "content-int",
+        "bad-role",
+        "max-tokens-0",
+        "max-tokens-str",
+        "temperature",
+        "max-tokens-over-limit",
+    ],
+)
+def test_bad_input_gets_the_error_envelope(url: str, payload: dict, status: int, code: str) -> None:
+    r = httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=10)
+    assert_envelope(r, status, code)
+    ok = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES}, timeout=10)
+    assert ok.status_code == 200
+
+
+def test_malformed_json_is_400(url: str) -> None:
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert_envelope(r, 400, "invalid_json")
+    assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
