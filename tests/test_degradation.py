@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from ragline_cli.processes import ManagedProcess, free_port, python_service
+from ragline_cli.processes import ManagedProcess, free_port, http_ready, python_service
 from ragline_cli.stack import Stack
 
 from conftest import SAMPLES
@@ -42,6 +42,8 @@ def gateway(log_dir: Path, retriever: int, reranker: int, llm: int) -> ManagedPr
     }
     proc = python_service("gateway-degraded", "ragline_gateway", port, env, log_dir)
     proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    # Alive, not ready: /readyz is rightly 503 while llm-svc or the retriever is down.
+    proc.ready = http_ready(f"http://127.0.0.1:{port}/healthz")
     return proc
 
 

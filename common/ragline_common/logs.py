@@ -50,6 +50,8 @@ def configure_logging(service: str, level: str = "info") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log duplicates our own one-line-per-request log.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every upstream call at info; our access log already covers requests.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
