@@ -29,19 +29,28 @@ if [ "${1:-}" = "--system" ]; then
   exit 0
 fi
 
-if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
-  apt_install python3-venv
-fi
-
 if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
+  # Debian splits venv support into python3-venv; install it only when venv fails.
+  if ! "$PYTHON" -m venv "$VENV" >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    apt_install python3-venv
+    "$PYTHON" -m venv "$VENV"
+  fi
 fi
 pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
-"${pip[@]}" install --upgrade 'pip>=25.1' 2>&1 | grep -v 'is ignored' || true
+log="$VENV/install.log"
+echo "installing Python packages into $VENV (log: $log)"
+run_pip() {
+  if ! "${pip[@]}" "$@" >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "pip install $* failed; full log in $log" >&2
+    exit 1
+  fi
+}
+run_pip install --upgrade 'pip>=25.1'
 # torch first, so sentence-transformers finds it satisfied and never pulls another build.
-"${pip[@]}" install "$TORCH" 2>&1 | grep -v 'is ignored' || true
-"${pip[@]}" install \
-  -e ./common -e ./retriever-svc -e ./reranker-svc -e ./llm-svc -e ./gateway -e ./cli \
-  --group dev 2>&1 | grep -v 'is ignored' || true
+run_pip install "$TORCH"
+run_pip install -e ./common -e ./retriever-svc -e ./reranker-svc -e ./llm-svc -e ./gateway -e ./cli \
+  --group dev
 "$VENV/bin/python" -c 'import ragline_gateway, ragline_retriever, ragline_reranker, ragline_llm, ragline_cli'
 touch "$VENV/.installed"

@@ -17,11 +17,13 @@ def doc_id_for(path: Path, root: Path) -> str:
     return _UNSAFE.sub("-", rel.as_posix()).lstrip("-._/")[:256] or "document"
 
 
-def title_for(path: Path, text: str) -> str:
-    for line in text.splitlines():
-        if line.startswith("# "):
-            return line[2:].strip()
-    return path.stem.replace("-", " ").replace("_", " ")
+def split_title(path: Path, text: str) -> tuple[str, str]:
+    """A leading `# Heading` is the title (and leaves the body, so answers don't quote it);
+    otherwise the file name is."""
+    first, _, rest = text.partition("\n")
+    if first.startswith("# ") and rest.strip():
+        return first[2:].strip(), rest.strip()
+    return path.stem.replace("-", " ").replace("_", " "), text
 
 
 def iter_documents(target: Path) -> Iterator[dict[str, Any]]:
@@ -33,10 +35,11 @@ def iter_documents(target: Path) -> Iterator[dict[str, Any]]:
         text = path.read_text(encoding="utf-8", errors="replace").strip()
         if not text:
             continue
+        title, body = split_title(path, text)
         yield {
             "id": doc_id_for(path, root),
-            "title": title_for(path, text),
-            "text": text,
+            "title": title,
+            "text": body,
             "source": path.name,
             "metadata": {"path": str(path.relative_to(root))},
         }

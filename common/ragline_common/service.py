@@ -18,6 +18,7 @@ from ragline_common.errors import install_error_handlers
 from ragline_common.logs import configure_logging
 from ragline_common.middleware import RequestContextMiddleware
 from ragline_common.responses import JsonResponse
+from ragline_common.settings import ServiceSettings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -39,16 +40,16 @@ def create_app(title: str, lifespan: Lifespan | None = None) -> FastAPI:
     return app
 
 
-def serve(app: FastAPI | str, *, service: str, host: str, port: int, log_level: str) -> None:
-    configure_logging(service, log_level)
+def serve(app: FastAPI, *, service: str, settings: ServiceSettings) -> None:
+    configure_logging(service, settings.log_level)
     uvicorn.run(
         app,
-        host=host,
-        port=port,
+        host=settings.host,
+        port=settings.port,
         loop="uvloop",
         http="httptools",
         log_config=None,
-        log_level=log_level,
+        log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=10,
     )

@@ -7,8 +7,7 @@ from ragline_gateway.settings import GatewaySettings
 
 def main() -> None:
     settings = GatewaySettings()
-    serve(build_app(settings), service="gateway", host=settings.host, port=settings.port,
-          log_level=settings.log_level)  # fmt: skip
+    serve(build_app(settings), service="gateway", settings=settings)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,7 @@ from ragline_llm.settings import LlmSettings
 
 def main() -> None:
     settings = LlmSettings()
-    serve(
-        build_app(settings),
-        service="llm-svc",
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-    )
+    serve(build_app(settings), service="llm-svc", settings=settings)
 
 
 if __name__ == "__main__":  # vLLM's engine process re-imports the main module

@@ -9,13 +9,7 @@ from ragline_reranker.settings import RerankerSettings
 
 def main() -> None:
     settings = RerankerSettings()
-    serve(
-        build_app(settings),
-        service="reranker-svc",
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-    )
+    serve(build_app(settings), service="reranker-svc", settings=settings)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     settings = RetrieverSettings()  # a bad setting raises here, before anything starts
-    serve(
-        build_app(settings),
-        service="retriever-svc",
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-    )
+    serve(build_app(settings), service="retriever-svc", settings=settings)
 
 
 if __name__ == "__main__":
