@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -11,18 +14,11 @@ import pytest
 from ragline_cli.stack import Stack
 
 from conftest import TOKEN_INTERVAL_MS
+from service_helpers import metric
 from sse_client import read_events
 
 QUESTION = "How long does a sourdough starter take to double in volume after feeding?"
 ANSWER_DOC = "sourdough-starter.md"
-
-
-def metric_value(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_answer_streams_through_nginx(client: httpx.Client) -> None:
@@ -83,14 +79,14 @@ def test_openai_sdk_streams_through_nginx(public_url: str) -> None:
 
 
 def test_client_disconnect_aborts_generation(client: httpx.Client, stack: Stack) -> None:
-    llm_metrics = f"http://127.0.0.1:{stack.config.llm_port}/metrics"
-    before = metric_value(httpx.get(llm_metrics).text, "ragline_generation_aborts_total")
+    llm_url = f"http://127.0.0.1:{stack.config.llm_port}"
+    before = metric(llm_url, "ragline_generation_aborts_total")
     with client.stream("POST", "/api/chat", json={"message": QUESTION}) as response:
         read_events(response, stop_after="token")
     # Leaving the block closed the connection mid-answer.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        after = metric_value(httpx.get(llm_metrics).text, "ragline_generation_aborts_total")
+        after = metric(llm_url, "ragline_generation_aborts_total")
         if after > before:
             break
         time.sleep(0.1)
@@ -185,3 +181,28 @@ def test_follow_up_uses_conversation_memory(client: httpx.Client) -> None:
             break
     assert sources[0]["doc_id"] == "lighthouse-of-alexandria.md"
     assert second[0].data["conversation_id"] == conversation_id
+
+
+def test_cli_ingests_a_folder_and_asks(public_url: str, tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "kettle.md").write_text(
+        "# The blue kettle\n\nThe blue kettle in the staff kitchen was bought in March 2019. "
+        "It holds 1.7 litres of water and switches itself off when the water boils.\n"
+    )
+    ragline = [str(Path(sys.executable).parent / "ragline")]
+    common = ["--url", public_url, "--collection", "cli_notes"]
+    ingested = subprocess.run(
+        [*ragline, "ingest", str(notes), *common], capture_output=True, text=True, timeout=120
+    )
+    assert ingested.returncode == 0, ingested.stderr
+    assert "ingested 1 documents" in ingested.stdout
+    asked = subprocess.run(
+        [*ragline, "ask", "How many litres does the blue kettle hold?", *common],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert "1.7 litres" in asked.stdout
+    assert "[1] The blue kettle  (kettle.md)" in asked.stdout

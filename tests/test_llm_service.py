@@ -10,9 +10,7 @@ import httpx
 import openai
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from ragline_cli.processes import ManagedProcess, free_port, python_service
 from ragline_common.passages import Passage, render_sources
 from ragline_llm.engines.extractive import (
     NOTHING_FOUND,
@@ -21,6 +19,8 @@ from ragline_llm.engines.extractive import (
     pick_sentences,
     stem,
 )
+
+from service_helpers import assert_error, metric, post_malformed, post_until_ok, running_service
 
 PASSAGES = [
     Passage(1, "Bananas", "Bananas are yellow when ripe. They grow in tropical regions."),
@@ -53,33 +53,6 @@ LONG_PROMPT = render_sources(
 )
 
 
-def start(name: str, env: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    proc = python_service(
-        name, "ragline_llm", port, {"RAGLINE_LLM_PORT": str(port), **env}, log_dir
-    )
-    proc.start()
-    try:
-        proc.wait_ready(timeout=60)
-    except Exception:
-        proc.stop()
-        raise
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def metric(base_url: str, name: str) -> float:
-    families = text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text)
-    return sum(s.value for fam in families for s in fam.samples if s.name == name)
-
-
-def assert_envelope(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code
-    assert error["message"]
-    assert error["request_id"] == response.headers["x-request-id"]
-
-
 def sse_data(line: str) -> dict | str | None:
     if not line.startswith("data: "):
         return None
@@ -94,20 +67,16 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(log_dir: Path) -> Iterator[str]:
-    proc, base = start("llm", {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "15"}, log_dir)
-    yield base
-    proc.stop()
+    env = {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "15"}
+    with running_service("llm", "ragline_llm", env, log_dir, ready_timeout=60) as svc:
+        yield svc.url
 
 
 @pytest.fixture(scope="module")
 def slow_single_url(log_dir: Path) -> Iterator[str]:
-    proc, base = start(
-        "llm-slow",
-        {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "250", "RAGLINE_LLM_MAX_CONCURRENCY": "1"},
-        log_dir,
-    )
-    yield base
-    proc.stop()
+    env = {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "250", "RAGLINE_LLM_MAX_CONCURRENCY": "1"}
+    with running_service("llm-slow", "ragline_llm", env, log_dir, ready_timeout=60) as svc:
+        yield svc.url
 
 
 # --- the sentence picker, no process ---------------------------------------------------
@@ -276,19 +245,15 @@ def test_overload_past_max_concurrency_is_503(slow_single_url: str) -> None:
             if line.startswith("data: "):
                 break  # the one slot is taken
         refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES})
-        assert_envelope(refused, 503, "overloaded")
+        assert_error(refused, 503, "overloaded")
         assert refused.headers["retry-after"] == "1"
         assert metric(url, "ragline_llm_active_requests") == 1
         del lines
 
     # The held stream was dropped, so its slot comes back.
-    deadline = time.monotonic() + 10
-    while True:
-        r = httpx.post(
-            f"{url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1}, timeout=30
-        )
-        if r.status_code == 200 or time.monotonic() > deadline:
-            break
+    r = post_until_ok(
+        f"{url}/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1}, within=10
+    )
     assert r.status_code == 200
 
 
@@ -319,17 +284,12 @@ def test_overload_past_max_concurrency_is_503(slow_single_url: str) -> None:
 )
 def test_bad_input_gets_the_error_envelope(url: str, payload: dict, status: int, code: str) -> None:
     r = httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=10)
-    assert_envelope(r, status, code)
+    assert_error(r, status, code)
     ok = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES}, timeout=10)
     assert ok.status_code == 200
 
 
 def test_malformed_json_is_400(url: str) -> None:
-    r = httpx.post(
-        f"{url}/v1/chat/completions",
-        content=b'{"messages": [',
-        headers={"content-type": "application/json"},
-        timeout=10,
-    )
-    assert_envelope(r, 400, "invalid_json")
+    r = post_malformed(f"{url}/v1/chat/completions", b'{"messages": [')
+    assert_error(r, 400, "invalid_json")
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200

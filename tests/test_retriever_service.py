@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from ragline_cli.processes import ManagedProcess, free_port, python_service
+from ragline_cli.processes import free_port
+
+from service_helpers import Service, assert_error, metric, running_service
 
 pytestmark = pytest.mark.slow
 
@@ -49,41 +49,25 @@ DOCS = [
 ]
 
 
-@dataclass
-class Service:
-    proc: ManagedProcess
-    url: str
-    data_dir: Path
-    log_dir: Path
-
-
-def start_service(data_dir: Path, log_dir: Path, name: str, **extra: str) -> Service:
-    port = free_port()
-    env = {
-        "RAGLINE_RETRIEVER_PORT": str(port),
-        "RAGLINE_RETRIEVER_DATA_DIR": str(data_dir),
+def retriever_env(base: Path, **extra: str) -> dict[str, str]:
+    return {
+        "RAGLINE_RETRIEVER_DATA_DIR": str(base / "data"),
         "RAGLINE_RETRIEVER_MAX_BODY_BYTES": str(MAX_BODY),
-        "HF_HUB_OFFLINE": "1",
         **extra,
     }
-    proc = python_service(name, "ragline_retriever", port, env, log_dir)
-    proc.start()
-    try:
-        proc.wait_ready(timeout=120)
-    except Exception:
-        proc.stop()
-        raise
-    return Service(proc, f"http://127.0.0.1:{port}", data_dir, log_dir)
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    base = tmp_path_factory.mktemp("retriever")
-    svc = start_service(base / "data", base / "logs", "retriever")
-    try:
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's retriever keeps its data under base/data and its logs under base/logs."""
+    return tmp_path_factory.mktemp("retriever")
+
+
+@pytest.fixture(scope="module")
+def service(base: Path) -> Iterator[Service]:
+    env = retriever_env(base)
+    with running_service("retriever", "ragline_retriever", env, base / "logs") as svc:
         yield svc
-    finally:
-        svc.proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +92,6 @@ def retrieve(client: httpx.Client, query: str, **extra: object) -> dict:
 def chunk_counts(client: httpx.Client) -> dict[str, int]:
     body = client.get("/v1/collections").json()
     return {c["name"]: c["chunks"] for c in body["collections"]}
-
-
-def assert_envelope(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code
-    assert error["message"]
-    assert error["request_id"] == response.headers["x-request-id"]
 
 
 def test_ready_reports_both_backends(client: httpx.Client) -> None:
@@ -175,18 +151,18 @@ def test_delete_removes_a_document(client: httpx.Client, ingested: dict) -> None
     again = client.delete("/v1/collections/kb/documents/tmp/doc-1")
     assert again.status_code == 200 and again.json()["deleted"] is False
     assert chunk_counts(client) == {"kb": 4}
-    assert_envelope(client.delete("/v1/collections/nope/documents/x"), 404, "collection_not_found")
+    assert_error(client.delete("/v1/collections/nope/documents/x"), 404, "collection_not_found")
 
 
 def test_bad_requests_get_the_envelope_and_the_service_keeps_serving(
     client: httpx.Client, ingested: dict
 ) -> None:
     unknown = client.post("/v1/retrieve", json={"query": "volcano", "collection": "absent"})
-    assert_envelope(unknown, 404, "collection_not_found")
+    assert_error(unknown, 404, "collection_not_found")
     malformed = client.post(
         "/v1/retrieve", content=b'{"query": ', headers={"content-type": "application/json"}
     )
-    assert_envelope(malformed, 400, "invalid_json")
+    assert_error(malformed, 400, "invalid_json")
     for body in (
         {"query": 5, "collection": "kb"},
         {"query": "   ", "collection": "kb"},
@@ -196,51 +172,40 @@ def test_bad_requests_get_the_envelope_and_the_service_keeps_serving(
         {"query": "x", "collection": "kb", "filters": {"bad key": "x"}},
         {"query": "x", "unexpected": True},
     ):
-        assert_envelope(client.post("/v1/retrieve", json=body), 422, "invalid_request")
+        assert_error(client.post("/v1/retrieve", json=body), 422, "invalid_request")
     bad_collection = client.post("/v1/collections/Bad-Name/documents", json={"documents": DOCS})
-    assert_envelope(bad_collection, 422, "invalid_request")
+    assert_error(bad_collection, 422, "invalid_request")
     no_docs = client.post("/v1/collections/kb/documents", json={"documents": []})
-    assert_envelope(no_docs, 422, "invalid_request")
+    assert_error(no_docs, 422, "invalid_request")
     huge = {"documents": [{"id": "big", "text": "word " * (MAX_BODY // 4)}]}
-    assert_envelope(
-        client.post("/v1/collections/kb/documents", json=huge), 413, "payload_too_large"
-    )
+    assert_error(client.post("/v1/collections/kb/documents", json=huge), 413, "payload_too_large")
     # Still serving, and nothing was written by the refused requests.
     assert retrieve(client, "Which active volcano is in Sicily?")["hits"][0]["doc_id"] == "volcano"
     assert chunk_counts(client) == {"kb": 4}
 
 
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(client.get("/metrics").text)
-        for s in fam.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
-
-
-def test_metrics_count_what_happened(client: httpx.Client, ingested: dict) -> None:
-    assert metric(client, "ragline_retriever_ingested_chunks_total") >= 4
+def test_metrics_count_what_happened(
+    service: Service, client: httpx.Client, ingested: dict
+) -> None:
+    url = service.url
+    assert metric(url, "ragline_retriever_ingested_chunks_total") >= 4
     count = "ragline_retriever_search_duration_seconds_count"
-    before = metric(client, count, backend="dense")
+    before = metric(url, count, backend="dense")
     retrieve(client, "bread")
-    assert metric(client, count, backend="dense") == before + 1
-    assert metric(client, "ragline_retriever_embedding_duration_seconds_count", kind="query") >= 1
+    assert metric(url, count, backend="dense") == before + 1
+    assert metric(url, "ragline_retriever_embedding_duration_seconds_count", kind="query") >= 1
 
 
-def test_lexical_outage_degrades_to_dense(service: Service, ingested: dict) -> None:
+def test_lexical_outage_degrades_to_dense(service: Service, base: Path, ingested: dict) -> None:
     """Runs last: it replaces the module's service by one whose lexical backend is an
     Elasticsearch that is down (a free port nobody listens on)."""
     service.proc.stop()
-    dead_es = f"http://127.0.0.1:{free_port()}"
-    degraded = start_service(
-        service.data_dir,
-        service.log_dir,
-        "retriever-es-down",
+    env = retriever_env(
+        base,
         RAGLINE_RETRIEVER_LEXICAL_BACKEND="elasticsearch",
-        RAGLINE_RETRIEVER_ES_URL=dead_es,
+        RAGLINE_RETRIEVER_ES_URL=f"http://127.0.0.1:{free_port()}",
     )
-    try:
+    with running_service("retriever-es-down", "ragline_retriever", env, base / "logs") as degraded:
         with httpx.Client(base_url=degraded.url, timeout=60) as c:
             ready = c.get("/readyz")
             assert ready.status_code == 200
@@ -250,9 +215,7 @@ def test_lexical_outage_degrades_to_dense(service: Service, ingested: dict) -> N
             assert body["degraded"] == ["lexical"]
             assert body["hits"][0]["doc_id"] == "bread"
             assert all(h["ranks"]["lexical"] is None for h in body["hits"])
-            assert metric(c, "ragline_retriever_degraded_total", backend="lexical") == 1
+            assert metric(degraded.url, "ragline_retriever_degraded_total", backend="lexical") == 1
             # Writes need both stores: a clear 503, not a half-written success.
             write = c.post("/v1/collections/kb/documents", json={"documents": DOCS[:1]})
-            assert_envelope(write, 503, "index_unavailable")
-    finally:
-        degraded.proc.stop()
+            assert_error(write, 503, "index_unavailable")

@@ -1,0 +1,84 @@
+"""Helpers the service tests share: one service on a free loopback port, its metrics, and
+the error envelope every service answers with."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from ragline_cli.processes import ManagedProcess, free_port, http_ready, python_service
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+@dataclass
+class Service:
+    proc: ManagedProcess
+    url: str
+    port: int
+
+
+@contextmanager
+def running_service(
+    name: str,
+    module: str,
+    env: dict[str, str],
+    log_dir: Path,
+    ready_timeout: float = 120,
+    ready_path: str = "/readyz",
+) -> Iterator[Service]:
+    """`python -m MODULE` on a free port (its `RAGLINE_<SVC>_PORT` set here, offline from
+    the Hugging Face hub), waited on until `ready_path` answers 200, stopped on leaving."""
+    port = free_port()
+    port_var = f"RAGLINE_{module.removeprefix('ragline_').upper()}_PORT"
+    full_env = {port_var: str(port), "HF_HUB_OFFLINE": "1", **env}
+    proc = python_service(name, module, port, full_env, log_dir)
+    url = f"http://127.0.0.1:{port}"
+    proc.ready = http_ready(f"{url}{ready_path}")
+    proc.start()
+    try:
+        proc.wait_ready(ready_timeout)
+        yield Service(proc, url, port)
+    finally:
+        proc.stop()
+
+
+def metric(base_url: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` (with these labels) on `base_url`/metrics."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    """`response` is the error envelope `{"error": {"code", "message", "request_id"}}`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+def post_malformed(url: str, content: bytes) -> httpx.Response:
+    """POST `content` (cut-off JSON) to `url`, labelled as JSON."""
+    return httpx.post(url, content=content, headers=JSON_HEADERS, timeout=10)
+
+
+def post_until_ok(url: str, body: Any, within: float) -> httpx.Response:
+    """POST `body` to `url` until it answers 200 or `within` seconds pass; the last answer."""
+    deadline = time.monotonic() + within
+    while True:
+        response = httpx.post(url, json=body, timeout=30)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            return response
