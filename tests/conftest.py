@@ -7,9 +7,7 @@ session without them fails with that message instead of silently testing less.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,19 +21,8 @@ SAMPLES = REPO_ROOT / "samples"
 TOKEN_INTERVAL_MS = 20
 
 
-def require_binaries() -> None:
-    missing = [
-        b
-        for b in ("nginx", "redis-server")
-        if not (shutil.which(b) or Path(f"/usr/sbin/{b}").exists())
-    ]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: run `make test` (it installs them)")
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    require_binaries()
     base = tmp_path_factory.mktemp("stack")
     config = StackConfig(
         run_dir=base / "run",
@@ -48,6 +35,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         redis_port=free_port(),
         extra_env={"llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS)}},
     )
+    missing = config.missing_binaries()
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not installed: run `make test` (it installs them)")
     with Stack(config) as running:
         ingest(config.public_url, SAMPLES, "default")
         yield running

@@ -98,11 +98,7 @@ def up(no_ingest: bool) -> int:
     print("starting ragline (first start loads the embedding model; logs in run/logs/)")
     try:
         stack.start()
-        missing = [
-            n
-            for n, ok in (("redis-server", config.has_redis), ("nginx", config.has_nginx))
-            if not ok
-        ]
+        missing = config.missing_binaries()
         if missing:
             print(f"note: {' and '.join(missing)} not installed; running without (see README)")
         if not no_ingest:

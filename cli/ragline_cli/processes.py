@@ -150,7 +150,7 @@ def nginx(port: int, gateway: str, prefix: Path, web_root: Path) -> ManagedProce
     )
     (prefix / "nginx.conf").write_text(conf)
     argv = [
-        nginx_binary(), "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+        nginx_binary() or "nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
         "-e", str(prefix / "error.log"), "-g", "daemon off;",
     ]  # fmt: skip
     return ManagedProcess(
@@ -158,5 +158,7 @@ def nginx(port: int, gateway: str, prefix: Path, web_root: Path) -> ManagedProce
     )
 
 
-def nginx_binary() -> str:
-    return shutil.which("nginx") or "/usr/sbin/nginx"
+def nginx_binary() -> str | None:
+    """Debian puts nginx in /usr/sbin, which is not on a normal user's PATH."""
+    found = shutil.which("nginx")
+    return found or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ragline_cli.processes import ManagedProcess, nginx, python_service, redis_server
+from ragline_cli.processes import ManagedProcess, nginx, nginx_binary, python_service, redis_server
 
 log = logging.getLogger("ragline.stack")
 
@@ -51,7 +51,12 @@ class StackConfig:
 
     @property
     def has_nginx(self) -> bool:
-        return self.use_nginx and (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"))
+        return self.use_nginx and nginx_binary() is not None
+
+    def missing_binaries(self) -> list[str]:
+        """The optional servers the stack will run without on this machine."""
+        found = {"redis-server": self.has_redis, "nginx": self.has_nginx}
+        return [name for name, ok in found.items() if not ok]
 
 
 class Stack:

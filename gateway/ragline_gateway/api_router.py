@@ -169,7 +169,7 @@ async def models(request: Request) -> dict[str, Any]:
 async def _forward(request: Request, method: str, path: str, body: dict[str, Any] | None) -> Any:
     retriever = request.app.state.retriever
     try:
-        return await retriever.forward(method, path, body, timeout=300.0)
+        return await retriever.call(method, path, 300.0, body)
     except UpstreamError as exc:
         if exc.status is not None and 400 <= exc.status < 500:
             raise ApiError(exc.status, exc.error_code or "bad_request", exc.error_message) from exc

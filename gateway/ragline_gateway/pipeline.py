@@ -236,6 +236,8 @@ class AnswerPipeline:
         parts: list[str] = []
         usage: dict[str, Any] = {}
         finish_reason = "stop"
+        # One reader task feeds a queue so that waiting for the next token can time out
+        # (for `: ping` and the idle limit) without cancelling a read inside httpx's stream.
         queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue(maxsize=256)
         reader = asyncio.create_task(self._read(p.stream, queue))
         last = first = 0.0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from ragline_common.wire import Filters, RetrieveResponse
 from ragline_gateway.clients.base import UpstreamClient
 
@@ -18,12 +16,3 @@ class RetrieverClient(UpstreamClient):
         return RetrieveResponse.model_validate(
             await self.call("POST", "/v1/retrieve", timeout, body)
         )
-
-    async def collections(self, timeout: float = 5.0) -> list[str]:
-        payload = await self.call("GET", "/v1/collections", timeout)
-        return [c["name"] for c in payload.get("collections", [])]
-
-    async def forward(
-        self, method: str, path: str, body: dict[str, Any] | None, timeout: float
-    ) -> Any:
-        return await self.call(method, path, timeout, body)
