@@ -5,6 +5,7 @@ name a server. Dense tests use small fixed vectors, so no model is loaded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
+from ragline_common.wire import Filters
 from ragline_retriever.backends.base import Chunk, CollectionNotFound, DenseIndex, LexicalIndex
 
 DIM = 4
@@ -134,16 +137,20 @@ class Role:
 BACKENDS = [f"lexical:{k}" for k in LEXICAL_KINDS] + [f"dense:{k}" for k in DENSE_KINDS]
 
 
-@pytest.fixture(params=BACKENDS)
-def role_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., None]:
+def runner_for(backend: str, tmp_path: Path) -> Callable[..., None]:
     """Runs a scenario against one backend; every call opens it afresh on the same data."""
-    role, kind = request.param.split(":")
+    role, kind = backend.split(":")
     factory = (lexical_factory_for if role == "lexical" else dense_factory_for)(kind, tmp_path)
 
     def make(scenario: Callable[[Role], Awaitable[None]]) -> None:
         run(factory, lambda index: scenario(Role(index, role == "dense")))
 
     return make
+
+
+@pytest.fixture(params=BACKENDS)
+def role_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., None]:
+    return runner_for(request.param, tmp_path)
 
 
 def test_protocols_are_implemented(role_factory: Any) -> None:
@@ -226,6 +233,7 @@ def test_filters_equality_and_membership(role_factory: Any) -> None:
         assert await role.ids(name, {"missing_key": "x"}) == set()
         assert await role.ids(name, {"source": 5}) == set()
         assert await role.ids(name, {"lang": 'q"u\\ote'}) == set()  # escaping is safe
+        assert await role.ids(name, {"lang": []}) == set()
 
     role_factory(scenario)
 
@@ -282,3 +290,195 @@ def test_lexical_query_text_never_breaks_the_parser(lexical_factory: Factory) ->
         assert stemmed and stemmed[0].chunk.doc_id == "cherry"
 
     run(lexical_factory, scenario)
+
+
+# --- ranges, typed equality, chunk ids ----------------------------------------------------
+
+# One JSON type per key across documents, as Elasticsearch requires (one mapping per key).
+# r2 and r3 are the same instant written with different offsets.
+RANGED: dict[str, dict[str, Any]] = {
+    "r1": {"score": 10, "code": "10", "flag": True, "when": "2024-05-01"},
+    "r2": {"score": 10.5, "code": "7", "flag": False, "when": "2024-05-01T10:00:00Z"},
+    "r3": {"score": -3, "code": "x", "when": "2024-05-01T12:00:00+02:00"},
+    "r4": {"score": 20.0, "when": "2023-12-31T23:30:00-01:00"},  # 2024-01-01T00:30Z
+    "r5": {"when": "soon"},
+    "r6": {},
+}
+
+
+def ranged_corpus() -> tuple[list[Chunk], list[list[float]]]:
+    chunks = [chunk_of(d, f"Trees grow near {d}.", "lab", meta) for d, meta in RANGED.items()]
+    return chunks, [[1.0, 0.1 * i, 0.0, 0.0] for i in range(len(chunks))]
+
+
+async def ranged_collection(role: Role) -> str:
+    name = unique("r")
+    await role.index.ensure_collection(name)
+    await role.upsert(name, *ranged_corpus())
+    return name
+
+
+def test_numeric_ranges(role_factory: Any) -> None:
+    async def scenario(role: Role) -> None:
+        name = await ranged_collection(role)
+        assert await role.ids(name, {"score": {"gte": 10}}) == {"r1", "r2", "r4"}
+        assert await role.ids(name, {"score": {"gt": 10}}) == {"r2", "r4"}
+        assert await role.ids(name, {"score": {"lte": 10}}) == {"r1", "r3"}
+        assert await role.ids(name, {"score": {"lt": 10}}) == {"r3"}
+        assert await role.ids(name, {"score": {"gte": 10, "lte": 10.5}}) == {"r1", "r2"}
+        # int and float compare as numbers, whichever side each is on
+        assert await role.ids(name, {"score": {"gte": 10.0, "lt": 10.5}}) == {"r1"}
+        assert await role.ids(name, {"score": {"gt": 9.99, "lt": 10.01}}) == {"r1"}
+        assert await role.ids(name, {"score": {"gte": 20, "lte": 20}}) == {"r4"}
+        assert await role.ids(name, {"score": {"gte": -1e300}}) == {"r1", "r2", "r3", "r4"}
+        assert await role.ids(name, {"score": {"gt": 1e20}}) == set()
+        # strings (even numeric-looking), booleans and dates never match a numeric range
+        assert await role.ids(name, {"code": {"gte": 0, "lte": 100}}) == set()
+        assert await role.ids(name, {"flag": {"gte": 0}}) == set()
+        assert await role.ids(name, {"when": {"gte": 0}}) == set()
+        assert await role.ids(name, {"missing_key": {"gte": 0}}) == set()
+
+    role_factory(scenario)
+
+
+def test_date_ranges(role_factory: Any) -> None:
+    async def scenario(role: Role) -> None:
+        name = await ranged_collection(role)
+        assert await role.ids(name, {"when": {"gte": "2024-05-01"}}) == {"r1", "r2", "r3"}
+        assert await role.ids(name, {"when": {"gt": "2024-05-01"}}) == {"r2", "r3"}
+        ten = {"gte": "2024-05-01T10:00:00Z", "lte": "2024-05-01T12:00:00+02:00"}
+        assert await role.ids(name, {"when": ten}) == {"r2", "r3"}
+        assert await role.ids(name, {"when": {"lt": "2024-05-01T09:59:59+00:00"}}) == {"r1", "r4"}
+        # a naive date-time is UTC; a date alone is midnight UTC
+        assert await role.ids(name, {"when": {"lt": "2024-01-01T00:30:00"}}) == set()
+        assert await role.ids(name, {"when": {"lte": "2024-01-01T00:30:00"}}) == {"r4"}
+        assert await role.ids(name, {"when": {"gte": "2024-01-01", "lt": "2024-01-02"}}) == {"r4"}
+        # a non-date string ("soon") and numbers or booleans never match a date range
+        assert await role.ids(name, {"when": {"gte": "1900-01-01"}}) == {"r1", "r2", "r3", "r4"}
+        assert await role.ids(name, {"score": {"gte": "1970-01-01"}}) == set()
+        assert await role.ids(name, {"flag": {"gte": "1970-01-01"}}) == set()
+        # date strings are still strings for equality, and come back exactly as written
+        assert await role.ids(name, {"when": "2024-05-01T10:00:00Z"}) == {"r2"}
+        hits = await role.search(name)
+        assert {h.chunk.doc_id: h.chunk.metadata for h in hits} == RANGED
+
+    role_factory(scenario)
+
+
+def test_ranges_combine_with_equality(role_factory: Any) -> None:
+    async def scenario(role: Role) -> None:
+        name = await ranged_collection(role)
+        assert await role.ids(name, {"score": {"gte": 10}, "flag": True}) == {"r1"}
+        early = {"lt": "2024-05-01T00:00:01Z"}
+        assert await role.ids(name, {"score": {"gte": 10}, "when": early}) == {"r1", "r4"}
+        assert await role.ids(name, {"score": {"gte": 10}, "code": ["10", "7"]}) == {"r1", "r2"}
+        both = {"doc_id": ["r1", "r4", "r5"], "when": {"gte": "2024-01-01"}}
+        assert await role.ids(name, both) == {"r1", "r4"}
+        assert await role.ids(name, {"score": {"gte": 10}, "code": "x"}) == set()
+
+    role_factory(scenario)
+
+
+def test_equality_is_typed(role_factory: Any) -> None:
+    async def scenario(role: Role) -> None:
+        name = await ranged_collection(role)
+        assert await role.ids(name, {"score": 10.0}) == {"r1"}
+        assert await role.ids(name, {"score": 20}) == {"r4"}
+        assert await role.ids(name, {"score": [10.5, -3]}) == {"r2", "r3"}
+        assert await role.ids(name, {"flag": True}) == {"r1"}
+        assert await role.ids(name, {"flag": False}) == {"r2"}
+        assert await role.ids(name, {"code": "10"}) == {"r1"}
+        assert await role.ids(name, {"code": 10}) == set()
+        assert await role.ids(name, {"score": "10"}) == set()
+        assert await role.ids(name, {"flag": "true"}) == set()
+
+    role_factory(scenario)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if "elasticsearch" not in b])
+def test_a_key_of_mixed_types_never_crosses_types(backend: str, tmp_path: Path) -> None:
+    """Where a key may hold values of several types (not Elasticsearch: there a second type
+    is a `MetadataConflict`, see test_elasticsearch_backend), each matches only its own."""
+    values: dict[str, Any] = {"int": 1, "float": 1.0, "str": "1", "bool": True, "strue": "true"}
+
+    async def scenario(role: Role) -> None:
+        name = unique("m")
+        await role.index.ensure_collection(name)
+        chunks = [chunk_of(d, "Trees grow.", "lab", {"v": v}) for d, v in values.items()]
+        await role.upsert(name, chunks, [[1.0, 0.0, 0.0, 0.0]] * len(chunks))
+        assert await role.ids(name, {"v": 1}) == {"int", "float"}
+        assert await role.ids(name, {"v": True}) == {"bool"}
+        assert await role.ids(name, {"v": "1"}) == {"str"}
+        assert await role.ids(name, {"v": "true"}) == {"strue"}
+        assert await role.ids(name, {"v": {"gte": 0.5, "lte": 1}}) == {"int", "float"}
+
+    runner_for(backend, tmp_path)(scenario)
+
+
+def test_chunk_ids(role_factory: Any) -> None:
+    async def scenario(role: Role) -> None:
+        name = unique("c")
+        await role.index.ensure_collection(name)
+        assert await role.index.chunk_ids(name) == set()
+        chunks, vectors = corpus()
+        longer = [chunk_of("apple", f"Apples grow part {i}.", "farm", {}, i) for i in range(3)]
+        await role.upsert(name, chunks[1:] + longer, vectors[1:] + [[1.0, 0, 0, 0]] * 3)
+        expected = {"apple#0", "apple#1", "apple#2", "banana#0", "cherry#0", "durian#0"}
+        assert await role.index.chunk_ids(name) == expected
+        await role.upsert(name, chunks[:1], vectors[:1])  # apple shrinks to one chunk
+        await role.index.delete_document(name, "banana")
+        assert await role.index.chunk_ids(name) == {"apple#0", "cherry#0", "durian#0"}
+        with pytest.raises(CollectionNotFound):
+            await role.index.chunk_ids(unique("missing"))
+
+    role_factory(scenario)
+
+
+# --- the filter wire format that every backend above implements -------------------------
+
+FILTERS: TypeAdapter[Filters] = TypeAdapter(Filters)
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"year": {"gte": 2020}},
+        {"year": {"gt": 2020, "lte": 2024.5}},
+        {"year": {"gte": 5, "lte": 5}},
+        {"when": {"gte": "2024-05-01", "lt": "2024-05-01T12:00:00+02:00"}},
+        {"when": {"lt": "2024-05-01T10:00:00.250Z"}},
+        {"lang": "en", "year": [2020, 2021], "ok": True},
+    ],
+)
+def test_valid_filters_stay_plain_json(filters: dict[str, Any]) -> None:
+    """Validated filters are the same plain data, so the gateway can forward them as JSON."""
+    assert json.loads(json.dumps(FILTERS.validate_python(filters))) == filters
+
+
+def test_null_bounds_are_open_bounds() -> None:
+    assert FILTERS.validate_python({"year": {"gte": 1, "lt": None}}) == {"year": {"gte": 1}}
+
+
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        ({"year": {}}, "at least one of gt, gte, lt, lte"),
+        ({"year": {"gt": 1, "gte": 2}}, "gt or gte, not both"),
+        ({"year": {"lt": 1, "lte": 2}}, "lt or lte, not both"),
+        ({"year": {"gte": 1, "lt": "2024-05-01"}}, "all numbers or all ISO-8601 dates"),
+        ({"year": {"gte": "soon"}}, "not an ISO-8601 date"),
+        ({"year": {"gte": "20240501"}}, "not an ISO-8601 date"),
+        ({"year": {"gte": "2024-02-30"}}, "not an ISO-8601 date"),
+        ({"year": {"gte": True}}, "valid integer"),
+        ({"year": {"gte": 5, "lt": 5}}, "the range is empty"),
+        ({"year": {"gte": 6, "lte": 5}}, "the range is empty"),
+        ({"year": {"gte": 10**400}}, "not a finite number"),
+        ({"year": {"gte": 1, "from": 2}}, "Extra inputs are not permitted"),
+        ({"doc_id": {"gte": "2024-05-01"}}, "ranges are for metadata"),
+        ({"bad-key": 1}, "should match pattern"),
+    ],
+)
+def test_invalid_filters_fail_validation(filters: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        FILTERS.validate_python(filters)
+    assert message in " | ".join(error["msg"] for error in raised.value.errors())

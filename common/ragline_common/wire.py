@@ -6,21 +6,33 @@ checker follows. Bounds live here too: every input is bounded.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    WithJsonSchema,
+    model_serializer,
+    model_validator,
+)
 
 COLLECTION_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,255}$"
 
 CollectionName = Annotated[str, StringConstraints(pattern=COLLECTION_PATTERN)]
 MetadataValue = str | int | float | bool
-# Filters: `{field: value}` means equality, `{field: [v1, v2]}` means membership.
-# A field is `doc_id`, `source`, `title` or a key of the document's metadata.
-FilterValue = MetadataValue | list[MetadataValue]
-Filters = dict[
-    Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")], FilterValue
-]
 
 MAX_QUERY_CHARS = 4000
 MAX_DOCUMENT_CHARS = 2_000_000
@@ -34,6 +46,196 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
+# --- filters (retrieve requests, gateway and retriever alike) -----------------------------
+#
+# `{field: value}` is equality, `{field: [v1, v2]}` membership, and
+# `{field: {"gte"?, "gt"?, "lte"?, "lt"?}}` a range. A field is `doc_id`, `source`, `title`
+# or a key of the document's metadata; ranges apply to metadata keys only. Comparisons are
+# typed: "1", 1 and true are three different values; 1 and 1.0 are the same number.
+# A numeric range matches numeric values only, a date range (ISO-8601 bounds) matches string
+# values that are ISO-8601 dates, compared as instants. A document without the key never
+# matches. Every backend implements exactly this (tests/test_retriever_contract.py).
+
+FILTER_FIELD_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+# Filter fields that are document attributes rather than metadata keys.
+DOCUMENT_FILTER_FIELDS = frozenset({"doc_id", "source", "title"})
+
+# The extended calendar form only, so that identifiers such as `20240501` or `2024-W18`
+# are never taken for dates: a date, optionally a time, optionally an offset.
+_ISO_INSTANT = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:\d{2})?)?",
+    re.ASCII,
+)
+
+
+def iso_instant(value: str) -> float | None:
+    """Epoch seconds of an ISO-8601 date or date-time string; None when it is not one.
+
+    A date alone means midnight UTC and a date-time without an offset is UTC, so every
+    store compares the same instants whatever offset each value was written with.
+    """
+    if not _ISO_INSTANT.fullmatch(value):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:  # a well-formed impossible date: 2024-02-30, 25:00
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def finite_number(value: int | float) -> float | None:
+    """A number as the float every store compares (None if it has no finite float).
+
+    Stores compare numbers as IEEE doubles (Elasticsearch maps them to `double`), so
+    integers are exact up to 2**53 everywhere; -0.0 is folded into 0.0, which some
+    engines would otherwise order below it.
+    """
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number + 0.0 if math.isfinite(number) else None
+
+
+RangeBound = StrictInt | StrictFloat | str
+
+
+class Range(StrictModel):
+    """`{"gte": 2020, "lt": 2024}` or `{"gte": "2024-05-01", "lt": "2024-06-01T00:00:00Z"}`.
+
+    Bounds are all numbers or all ISO-8601 dates; at least one is given, never both of
+    gt/gte or lt/lte, and the range is not empty. Validation happens here so a bad range is
+    a 422 at the edge rather than a different failure in each backend.
+    """
+
+    gt: RangeBound | None = None
+    gte: RangeBound | None = None
+    lt: RangeBound | None = None
+    lte: RangeBound | None = None
+
+    @property
+    def kind(self) -> Literal["number", "date"]:
+        bound = next(b for b in (self.gt, self.gte, self.lt, self.lte) if b is not None)
+        return "date" if isinstance(bound, str) else "number"
+
+    def lower(self) -> tuple[float, bool] | None:
+        """(value, inclusive) of the lower bound as the stores compare it; None if open."""
+        if self.gte is not None:
+            return _comparable(self.gte), True
+        if self.gt is not None:
+            return _comparable(self.gt), False
+        return None
+
+    def upper(self) -> tuple[float, bool] | None:
+        """(value, inclusive) of the upper bound as the stores compare it; None if open."""
+        if self.lte is not None:
+            return _comparable(self.lte), True
+        if self.lt is not None:
+            return _comparable(self.lt), False
+        return None
+
+    @model_validator(mode="after")
+    def _check(self) -> Range:
+        bounds = [b for b in (self.gt, self.gte, self.lt, self.lte) if b is not None]
+        if not bounds:
+            raise ValueError("a range needs at least one of gt, gte, lt, lte")
+        if self.gt is not None and self.gte is not None:
+            raise ValueError("give gt or gte, not both")
+        if self.lt is not None and self.lte is not None:
+            raise ValueError("give lt or lte, not both")
+        if len({isinstance(b, str) for b in bounds}) > 1:
+            raise ValueError("range bounds must be all numbers or all ISO-8601 dates")
+        for bound in bounds:
+            _comparable(bound)  # raises for a non-date string or a non-finite number
+        lower, upper = self.lower(), self.upper()
+        if (
+            lower
+            and upper
+            and (lower[0] > upper[0] or (lower[0] == upper[0] and not (lower[1] and upper[1])))
+        ):
+            raise ValueError("the range is empty: no value lies between its bounds")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_open_bounds(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`{"gte": 2020}` on the wire, not four keys with nulls."""
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+def _comparable(bound: int | float | str) -> float:
+    if isinstance(bound, str):
+        instant = iso_instant(bound)
+        if instant is None:
+            raise ValueError(
+                f"{bound!r} is not an ISO-8601 date (2024-05-01, 2024-05-01T10:00:00Z, "
+                "2024-05-01T12:00:00+02:00)"
+            )
+        return instant
+    number = finite_number(bound)
+    if number is None:
+        raise ValueError(f"range bound {str(bound)[:40]} is not a finite number")
+    return number
+
+
+def _checked_range(bounds: dict[str, Any]) -> dict[str, Any]:
+    """Validate a range with `Range` but keep it a plain dict, so that validated filters
+    stay plain JSON data that any caller can forward, log or hash."""
+    try:
+        checked = Range.model_validate(bounds)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            where = ".".join(map(str, error["loc"]))
+            problems.append(f"{where}: {message}" if where else message)
+        raise ValueError("; ".join(problems)) from None
+    return checked.model_dump()
+
+
+def _filter_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "range"
+    return "any_of" if isinstance(value, list) else "equals"
+
+
+_RANGE_SCHEMA = {
+    "type": "object",
+    "description": "A range on a metadata key: all numbers or all ISO-8601 dates.",
+    "properties": {
+        bound: {"anyOf": [{"type": "number"}, {"type": "string", "examples": ["2024-05-01"]}]}
+        for bound in ("gt", "gte", "lt", "lte")
+    },
+    "additionalProperties": False,
+    "minProperties": 1,
+}
+
+# The discriminator picks one branch, so a bad range reports the range's own error rather
+# than one line per union member.
+FilterValue = Annotated[
+    Annotated[MetadataValue, Tag("equals")]
+    | Annotated[list[MetadataValue], Tag("any_of")]
+    | Annotated[
+        dict[str, Any], AfterValidator(_checked_range), WithJsonSchema(_RANGE_SCHEMA), Tag("range")
+    ],
+    Discriminator(_filter_kind),
+]
+
+
+def _ranges_on_metadata_only(filters: dict[str, Any]) -> dict[str, Any]:
+    for name, value in filters.items():
+        if isinstance(value, dict) and name in DOCUMENT_FILTER_FIELDS:
+            raise ValueError(f"{name!r} takes a value or a list of values; ranges are for metadata")
+    return filters
+
+
+Filters = Annotated[
+    dict[Annotated[str, StringConstraints(pattern=FILTER_FIELD_PATTERN)], FilterValue],
+    AfterValidator(_ranges_on_metadata_only),
+]
+
+
 # --- retriever-svc ---------------------------------------------------------------------
 
 
@@ -44,6 +246,9 @@ class DocumentIn(StrictModel):
     url: Annotated[str, StringConstraints(max_length=2000)] = ""
     source: Annotated[str, StringConstraints(max_length=1000)] = ""
     metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=64)
+    # How to read `text`: Markdown loses front matter and link targets, HTML its markup;
+    # headings of both become chunk boundaries. PDF and other files go to the files route.
+    format: Literal["text", "markdown", "html"] = "text"
 
 
 class IngestRequest(StrictModel):

@@ -5,7 +5,13 @@ use, so every call goes through one single-thread executor: calls are serialized
 event loop never blocks. Rows are flushed after each write (unflushed rows are scanned in
 Python, ~15x slower to search) and collections are loaded on open, as a reopened Lite file
 needs. Filter values are written into the expression as JSON literals, because Milvus Lite
-rejects expression templates.
+rejects expression templates; keys come from the validated filter field pattern.
+
+Milvus compares JSON values loosely (`metadata["k"] == 1` matches true, `>= 0` matches
+false), so numbers, booleans and ranges read the hidden JSON fields (`metadata_numbers`,
+`metadata_booleans`, `metadata_dates`), each holding one kind of value. A collection
+created before those fields existed fails every call with a clear `BackendUnavailable`
+(re-create it) instead of an obscure Milvus error.
 """
 
 from __future__ import annotations
@@ -17,23 +23,33 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from ragline_common.wire import Filters, MetadataValue
 from ragline_retriever.backends.base import (
-    TOP_LEVEL_FILTER_FIELDS,
+    BOOLEANS_FIELD,
+    HIDDEN_FIELDS,
+    NUMBERS_FIELD,
+    AnyOf,
     BackendUnavailable,
+    Between,
     Chunk,
     CollectionNotFound,
     ScoredChunk,
-    filter_items,
+    filter_clauses,
+    hidden_fields,
 )
 
 log = logging.getLogger("ragline.retriever.milvus")
 T = TypeVar("T")
 
+# The hidden maps are never among them: they are for filtering only.
 _OUTPUT_FIELDS = ["chunk_id", "doc_id", "text", "position", "title", "url", "source", "metadata"]
+_ID_BATCH = 16_384  # the most one Milvus query may return
+# A filter matching at most this many rows is scored exactly when HNSW comes back short.
+_EXACT_ROWS = 4096
 # VARCHAR limits in bytes; the chunker bounds chunk text well below the text limit.
 _MAX_LEN = {
     "chunk_id": 512,
@@ -50,19 +66,39 @@ def _literal(value: MetadataValue) -> str:
     return json.dumps(value)
 
 
+def _any_of(clause: AnyOf) -> str | None:
+    if clause.on_document:
+        if not clause.strings:
+            return None
+        return f"{clause.field} in [{', '.join(_literal(v) for v in clause.strings)}]"
+    # `in` does not take a JSON path on the left in Milvus Lite: spell out the ORs.
+    key = _literal(clause.field)
+    alternatives = [
+        *(f"metadata[{key}] == {_literal(v)}" for v in clause.strings),
+        *(f"{NUMBERS_FIELD}[{key}] == {_literal(v)}" for v in clause.numbers),
+        *(f"{BOOLEANS_FIELD}[{key}] == {_literal(v)}" for v in clause.booleans),
+    ]
+    return "(" + " or ".join(alternatives) + ")" if alternatives else None
+
+
+def _between(clause: Between) -> str:
+    ref = f"{clause.hidden_field}[{_literal(clause.field)}]"
+    parts = []
+    if clause.lower is not None:
+        parts.append(f"{ref} {'>=' if clause.include_lower else '>'} {_literal(clause.lower)}")
+    if clause.upper is not None:
+        parts.append(f"{ref} {'<=' if clause.include_upper else '<'} {_literal(clause.upper)}")
+    return "(" + " and ".join(parts) + ")"
+
+
 def filter_expression(filters: Filters | None) -> str | None:
     """The boolean expression for the filters; None when some filter can match nothing."""
     clauses = []
-    for name, values in filter_items(filters):
-        if name in TOP_LEVEL_FILTER_FIELDS:
-            strings = [v for v in values if isinstance(v, str)]
-            if not strings:
-                return None
-            clauses.append(f"{name} in [{', '.join(_literal(v) for v in strings)}]")
-        else:
-            # `in` does not take a JSON path on the left in Milvus Lite: spell out the ORs.
-            ref = f"metadata[{_literal(name)}]"
-            clauses.append("(" + " or ".join(f"{ref} == {_literal(v)}" for v in values) + ")")
+    for clause in filter_clauses(filters):
+        expression = _between(clause) if isinstance(clause, Between) else _any_of(clause)
+        if expression is None:
+            return None
+        clauses.append(expression)
     return " and ".join(clauses)
 
 
@@ -111,16 +147,31 @@ class MilvusIndex:
             kwargs["token"] = self.token
         client = MilvusClient(**kwargs)
         self._loaded.clear()
-        for physical in client.list_collections():
-            if physical.startswith(self.prefix):
-                client.load_collection(physical)
-                self._loaded.add(physical)
         self._client = client
+        try:
+            for physical in client.list_collections():
+                if physical.startswith(self.prefix):
+                    try:
+                        self._load(physical)
+                    except BackendUnavailable as exc:
+                        # One stale collection must not stop the service; using it says why.
+                        log.warning("%s", exc)
+        except Exception:
+            self._client = None  # reconnect on next use
+            raise
 
     def _load(self, physical: str) -> None:
-        if physical not in self._loaded:
-            self.client.load_collection(physical)
-            self._loaded.add(physical)
+        if physical in self._loaded:
+            return
+        fields = {f["name"] for f in self.client.describe_collection(physical)["fields"]}
+        missing = [name for name in HIDDEN_FIELDS if name not in fields]
+        if missing:
+            raise BackendUnavailable(
+                f"milvus collection {physical!r} was created by an older ragline (it lacks "
+                f"{', '.join(missing)}): drop it and ingest it again"
+            )
+        self.client.load_collection(physical)
+        self._loaded.add(physical)
 
     async def healthy(self) -> bool:
         try:
@@ -145,6 +196,8 @@ class MilvusIndex:
             schema.add_field(name, DataType.VARCHAR, max_length=_MAX_LEN[name])
         schema.add_field("position", DataType.INT64)
         schema.add_field("metadata", DataType.JSON)
+        for name in HIDDEN_FIELDS:
+            schema.add_field(name, DataType.JSON)
         index = self.client.prepare_index_params()
         index.add_index(
             field_name="vector",
@@ -180,7 +233,10 @@ class MilvusIndex:
 
     def _upsert(self, collection: str, chunks: list[Chunk], vectors: list[list[float]]) -> None:
         physical = self._require(collection)
-        rows = [{**c.payload(), "vector": v} for c, v in zip(chunks, vectors, strict=True)]
+        rows = [
+            {**c.payload(), **hidden_fields(c.metadata), "vector": v}
+            for c, v in zip(chunks, vectors, strict=True)
+        ]
         if rows:
             self.client.upsert(physical, rows)
         doc_ids = list(dict.fromkeys(c.doc_id for c in chunks))
@@ -235,10 +291,43 @@ class MilvusIndex:
             )
         except MilvusException as exc:
             raise BackendUnavailable(str(exc)) from exc
-        return [
+        hits = [
             ScoredChunk(Chunk.from_payload(hit["entity"]), float(hit["distance"]))
             for hit in result[0]
         ]
+        if expression and len(hits) < limit:
+            # Filtered HNSW search in Milvus Lite loses matches when the filter is very
+            # selective (measured at 100k rows: `doc_id == X` found 0 of X's 2 chunks).
+            # Fewer hits than asked for means the filter matches few rows: score those
+            # exactly instead.
+            exact = self._exact_search(physical, vector, limit, expression)
+            if exact is not None:
+                return exact
+        return hits
+
+    def _exact_search(
+        self, physical: str, vector: list[float], limit: int, expression: str
+    ) -> list[ScoredChunk] | None:
+        """Cosine similarity against every row the filter matches; None past _EXACT_ROWS."""
+        try:
+            rows = self.client.query(
+                physical,
+                filter=expression,
+                output_fields=[*_OUTPUT_FIELDS, "vector"],
+                limit=_EXACT_ROWS + 1,
+            )
+        except MilvusException as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        if len(rows) > _EXACT_ROWS:
+            return None
+        if not rows:
+            return []
+        matrix = np.asarray([row["vector"] for row in rows], dtype=np.float32)
+        query = np.asarray(vector, dtype=np.float32)
+        norms = np.linalg.norm(matrix, axis=1) * (np.linalg.norm(query) or 1.0)
+        scores = (matrix @ query) / np.where(norms == 0, 1.0, norms)
+        best = np.argsort(-scores, kind="stable")[:limit]
+        return [ScoredChunk(Chunk.from_payload(rows[i]), float(scores[i])) for i in best]
 
     async def list_collections(self) -> dict[str, int]:
         return await self._run(self._list)
@@ -247,8 +336,28 @@ class MilvusIndex:
         found = {}
         for physical in sorted(self.client.list_collections()):
             if physical.startswith(self.prefix):
-                self._load(physical)
+                try:
+                    self._load(physical)
+                except BackendUnavailable:
+                    continue  # stale: logged at open, explained on use
                 found[physical[len(self.prefix) :]] = self._count(physical, "")
+        return found
+
+    async def chunk_ids(self, collection: str) -> set[str]:
+        return await self._run(self._chunk_ids, collection)
+
+    def _chunk_ids(self, collection: str) -> set[str]:
+        """Paged by the query iterator, as a plain query stops at 16384 rows (~5 s for 100k
+        chunks on Milvus Lite)."""
+        iterator = self.client.query_iterator(
+            self._require(collection), batch_size=_ID_BATCH, output_fields=["chunk_id"]
+        )
+        found: set[str] = set()
+        try:
+            while batch := iterator.next():
+                found.update(row["chunk_id"] for row in batch)
+        finally:
+            iterator.close()
         return found
 
     async def close(self) -> None:

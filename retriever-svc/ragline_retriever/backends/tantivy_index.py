@@ -5,26 +5,52 @@ analyzer the `text` and `title` fields use and turned into term queries, so no u
 can cause a parse error or address another field (`doc_id:x`). Writes hold a per-collection
 lock and run in a worker thread; the reader is reloaded after each commit so that a write
 is visible to the next search.
+
+Metadata is stored as JSON bytes and its strings are filtered through a raw
+`metadata_terms` field (`lang=en`), not through a JSON field: tantivy's JSON fields index a
+string that looks like an RFC 3339 date as a date and hand it back as a `datetime`, so such
+a value would neither round-trip nor match equality as a string. Numbers, dates and
+booleans are filtered through the hidden maps (JSON fields holding no strings).
+
+Ranges: tantivy 0.27's `Query.range_query` does not take a JSON path, and the query parser
+supports ranges on JSON keys only in fast fields. So the hidden numbers and dates maps are
+fast JSON fields and a range is parsed text, `metadata_numbers.year:[2020 TO *]`, built only
+from a validated key and floats we format ourselves, never from user text. Each bound is a
+clause of its own: the parser types `10` as an integer and `10.5` as a float, and a range
+with one of each panics inside tantivy (`[10 TO 10.5]`); one-sided ranges compare right.
+
+An index directory written before this layout has another schema; tantivy refuses
+to open it with this one, so that collection raises `BackendUnavailable` with the fix
+(delete the directory, re-ingest) while every other collection keeps working.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import threading
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import tantivy
 
-from ragline_common.wire import Filters, MetadataValue
+from ragline_common.wire import FILTER_FIELD_PATTERN, Filters
 from ragline_retriever.backends.base import (
-    TOP_LEVEL_FILTER_FIELDS,
+    BOOLEANS_FIELD,
+    DATES_FIELD,
+    NUMBERS_FIELD,
+    AnyOf,
+    BackendUnavailable,
+    Between,
     Chunk,
     CollectionNotFound,
     ScoredChunk,
-    filter_items,
+    filter_clauses,
+    hidden_fields,
 )
 
 log = logging.getLogger("ragline.retriever.tantivy")
@@ -33,6 +59,7 @@ _TEXT_TOKENIZER = "en_stem"
 _WRITER_HEAP_BYTES = 32_000_000
 # The field each top-level filter reads (title is analysed for search, so a raw copy).
 _FILTER_FIELD = {"doc_id": "doc_id", "source": "source", "title": "title_raw"}
+_SAFE_KEY = re.compile(FILTER_FIELD_PATTERN)
 
 
 def _schema() -> tantivy.Schema:
@@ -45,7 +72,12 @@ def _schema() -> tantivy.Schema:
     builder.add_text_field("url", stored=True, tokenizer_name="raw")
     builder.add_text_field("source", stored=True, tokenizer_name="raw")
     builder.add_integer_field("position", stored=True, indexed=True)
-    builder.add_json_field("metadata", stored=True, tokenizer_name="raw")
+    builder.add_bytes_field("metadata", stored=True, indexed=False)
+    # Not stored: they exist to be filtered on, never to be returned.
+    builder.add_text_field("metadata_terms", tokenizer_name="raw")
+    builder.add_json_field(NUMBERS_FIELD, fast=True, tokenizer_name="raw")
+    builder.add_json_field(DATES_FIELD, fast=True, tokenizer_name="raw")
+    builder.add_json_field(BOOLEANS_FIELD, tokenizer_name="raw")
     return builder.build()
 
 
@@ -63,6 +95,11 @@ class _Collection:
     def __init__(self, path: Path, schema: tantivy.Schema) -> None:
         self.path = path
         self.schema = schema
+        if tantivy.Index.exists(str(path)) and tantivy.Index.open(str(path)).schema != schema:
+            raise BackendUnavailable(
+                f"tantivy collection {path.name!r} was written by an older ragline (its "
+                f"schema predates typed metadata filters): delete {path} and ingest it again"
+            )
         self.index = tantivy.Index(schema, path=str(path), reuse=True)
         self.lock = threading.Lock()
         self._writer: Any = None
@@ -87,15 +124,29 @@ class _Collection:
                 self._writer = None
 
 
-def _typed_terms(value: MetadataValue) -> list[Any]:
-    """Terms to match a metadata value; integral numbers match whether stored int or float."""
-    if isinstance(value, bool) or isinstance(value, str):
-        return [value]
-    if isinstance(value, float) and value.is_integer():
-        return [value, int(value)]
-    if isinstance(value, int):
-        return [value, float(value)]
-    return [value]
+def _metadata_term(key: str, value: str) -> str:
+    """The `metadata_terms` term of a string value (keys cannot contain `=`)."""
+    return f"{key}={value}"
+
+
+def _number_text(value: float) -> str:
+    """A float as the query parser reads it: positional (`1e-07` is a syntax error there)."""
+    return format(Decimal(repr(value)), "f")
+
+
+def _range_texts(clause: Between) -> list[str]:
+    """One query-parser range per bound (see the module docstring)."""
+    if not _SAFE_KEY.fullmatch(clause.field):  # validated upstream; the parser must not see more
+        raise ValueError(f"invalid filter field {clause.field!r}")
+    field = f"{clause.hidden_field}.{clause.field}"
+    texts = []
+    if clause.lower is not None:
+        bracket = "[" if clause.include_lower else "{"
+        texts.append(f"{field}:{bracket}{_number_text(clause.lower)} TO *]")
+    if clause.upper is not None:
+        bracket = "]" if clause.include_upper else "}"
+        texts.append(f"{field}:[* TO {_number_text(clause.upper)}{bracket}")
+    return texts
 
 
 class TantivyIndex:
@@ -114,7 +165,11 @@ class TantivyIndex:
         self.root.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.root.iterdir()):
             if path.is_dir() and tantivy.Index.exists(str(path)):
-                self._collections[path.name] = _Collection(path, self.schema)
+                try:
+                    self._collections[path.name] = _Collection(path, self.schema)
+                except BackendUnavailable as exc:
+                    # One stale collection must not stop the service; using it says why.
+                    log.warning("%s", exc)
 
     async def healthy(self) -> bool:
         return self.root.is_dir()
@@ -167,7 +222,12 @@ class TantivyIndex:
         doc.add_text("url", chunk.url)
         doc.add_text("source", chunk.source)
         doc.add_integer("position", chunk.position)
-        doc.add_json("metadata", dict(chunk.metadata))
+        doc.add_bytes("metadata", json.dumps(chunk.metadata).encode())
+        for key, value in chunk.metadata.items():
+            if isinstance(value, str):
+                doc.add_text("metadata_terms", _metadata_term(key, value))
+        for name, values in hidden_fields(chunk.metadata).items():
+            doc.add_json(name, values)
         return doc
 
     async def delete_document(self, collection: str, doc_id: str) -> int:
@@ -187,31 +247,48 @@ class TantivyIndex:
     ) -> list[ScoredChunk]:
         return await asyncio.to_thread(self._search, collection, query, limit, filters)
 
-    def _filter_query(self, filters: Filters | None) -> list[tantivy.Query] | None:
-        """Must-clauses for the filters; None when some filter can match nothing."""
-        clauses = []
-        for name, values in filter_items(filters):
-            if name in TOP_LEVEL_FILTER_FIELDS:
-                field = _FILTER_FIELD[name]
-                terms: list[Any] = [v for v in values if isinstance(v, str)]
+    def _filter_query(
+        self, index: tantivy.Index, filters: Filters | None
+    ) -> list[tantivy.Query] | None:
+        """Must-clauses for the filters, scoring 0 so that filters never reorder hits;
+        None when some filter can match nothing."""
+        must = []
+        for clause in filter_clauses(filters):
+            if isinstance(clause, Between):
+                query = tantivy.Query.boolean_query(
+                    [(tantivy.Occur.Must, index.parse_query(t)) for t in _range_texts(clause)]
+                )
             else:
-                field = f"metadata.{name}"
-                terms = [t for v in values for t in _typed_terms(v)]
-            if not terms:
-                return None
-            alternatives = [
-                (tantivy.Occur.Should, tantivy.Query.term_query(self.schema, field, t))
-                for t in terms
-            ]
-            clauses.append(tantivy.Query.boolean_query(alternatives))
-        return clauses
+                terms = self._terms(clause)
+                if not terms:
+                    return None
+                query = tantivy.Query.boolean_query(
+                    [
+                        (tantivy.Occur.Should, tantivy.Query.term_query(self.schema, f, v))
+                        for f, v in terms
+                    ]
+                )
+            must.append(tantivy.Query.const_score_query(query, 0.0))
+        return must
+
+    @staticmethod
+    def _terms(clause: AnyOf) -> list[tuple[str, Any]]:
+        """(field, value) terms of a clause; a JSON path's term is typed by its Python type."""
+        if clause.on_document:
+            return [(_FILTER_FIELD[clause.field], s) for s in clause.strings]
+        key = clause.field
+        return [
+            *(("metadata_terms", _metadata_term(key, v)) for v in clause.strings),
+            *((f"{NUMBERS_FIELD}.{key}", v) for v in clause.numbers),
+            *((f"{BOOLEANS_FIELD}.{key}", v) for v in clause.booleans),
+        ]
 
     def _search(
         self, collection: str, query: str, limit: int, filters: Filters | None
     ) -> list[ScoredChunk]:
         coll = self._get(collection)
         tokens = list(dict.fromkeys(_ANALYZER.analyze(query)))
-        must = self._filter_query(filters)
+        must = self._filter_query(coll.index, filters)
         if not tokens or must is None:
             return []
         should = [
@@ -222,13 +299,14 @@ class TantivyIndex:
         text_query = tantivy.Query.boolean_query(should)
         if must:
             text_query = tantivy.Query.boolean_query(
-                [(tantivy.Occur.Must, text_query)] + [(tantivy.Occur.Must, q) for q in must]
+                [(tantivy.Occur.Must, q) for q in (text_query, *must)]
             )
         searcher = coll.index.searcher()
         hits = []
         for score, address in searcher.search(text_query, limit).hits:
             stored = searcher.doc(address).to_dict()
             payload = {key: values[0] for key, values in stored.items() if values}
+            payload["metadata"] = json.loads(payload.get("metadata") or b"{}")
             hits.append(ScoredChunk(Chunk.from_payload(payload), float(score)))
         return hits
 
@@ -239,6 +317,18 @@ class TantivyIndex:
         with self._registry_lock:
             items = list(self._collections.items())
         return {name: int(coll.index.searcher().num_docs) for name, coll in sorted(items)}
+
+    async def chunk_ids(self, collection: str) -> set[str]:
+        return await asyncio.to_thread(self._chunk_ids, collection)
+
+    def _chunk_ids(self, collection: str) -> set[str]:
+        """Read from the term dictionary, not the stored documents (~0.1 s for 100k
+        chunks); the filter query drops the terms of deleted, not yet merged chunks."""
+        searcher = self._get(collection).index.searcher()
+        terms = searcher.terms_with_prefix(
+            "chunk_id", "", filter_query=tantivy.Query.all_query(), limit=None
+        )
+        return {term for term, _count in terms}
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)
