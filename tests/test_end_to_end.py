@@ -190,13 +190,17 @@ def test_cli_ingests_a_folder_and_asks(public_url: str, tmp_path: Path) -> None:
         "# The blue kettle\n\nThe blue kettle in the staff kitchen was bought in March 2019. "
         "It holds 1.7 litres of water and switches itself off when the water boils.\n"
     )
+    (notes / "toaster.html").write_text(
+        "<html><head><title>The toaster</title><style>p {color: red}</style></head><body>"
+        "<h1>The toaster</h1><p>The toaster has four slots and a crumb tray.</p></body></html>"
+    )
     ragline = [str(Path(sys.executable).parent / "ragline")]
     common = ["--url", public_url, "--collection", "cli_notes"]
     ingested = subprocess.run(
         [*ragline, "ingest", str(notes), *common], capture_output=True, text=True, timeout=120
     )
     assert ingested.returncode == 0, ingested.stderr
-    assert "ingested 1 documents" in ingested.stdout
+    assert "ingested 2 documents" in ingested.stdout
     asked = subprocess.run(
         [*ragline, "ask", "How many litres does the blue kettle hold?", *common],
         capture_output=True,
@@ -206,3 +210,42 @@ def test_cli_ingests_a_folder_and_asks(public_url: str, tmp_path: Path) -> None:
     assert asked.returncode == 0, asked.stderr
     assert "1.7 litres" in asked.stdout
     assert "[1] The blue kettle  (kettle.md)" in asked.stdout
+    verified = subprocess.run(
+        [*ragline, "verify", "cli_notes", "--url", public_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "2 chunks in the lexical index, 2 in the dense index" in verified.stdout
+    assert verified.stdout.strip().endswith("consistent")
+
+
+def test_document_management_passes_through_the_gateway(client: httpx.Client) -> None:
+    """Jobs, files and verify reach the retriever through nginx and the gateway unchanged:
+    statuses, bodies, and the job's Location rewritten to the public path."""
+    docs = [{"id": "owl", "text": "The tawny owl calls at night from the old oak."}]
+    response = client.post("/api/collections/e2e_jobs/jobs", json={"documents": docs})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/api/jobs/{job['job_id']}"
+    deadline = time.monotonic() + 60
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job['job_id']}").json()
+        time.sleep(0.05)
+    assert job["status"] == "succeeded" and job["chunks"] == 1
+    report = client.get("/api/collections/e2e_jobs/verify").json()
+    assert report["consistent"] and report["lexical_chunks"] == 1
+    upload = client.post(
+        "/api/collections/e2e_jobs/files",
+        params={"filename": "owl.txt"},
+        content=b"Owls swallow prey whole.",
+        headers={"content-type": "text/plain"},
+    )
+    assert upload.status_code == 202 and upload.json()["documents"] == 1
+    refused = client.post("/api/collections/e2e_jobs/jobs", json={"documents": []})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "invalid_request"
+    assert client.get("/api/jobs/nope").status_code == 422
+    assert client.get(f"/api/jobs/{'0' * 32}").json()["error"]["code"] == "job_not_found"
+    assert client.delete("/api/collections/e2e_jobs/documents/owl").json()["deleted"] is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,6 +197,126 @@ def test_metrics_count_what_happened(
     assert metric(url, "ragline_retriever_embedding_duration_seconds_count", kind="query") >= 1
 
 
+def wait_for_job(client: httpx.Client, job: dict, within: float = 120) -> dict:
+    """Polls a job until it ends (or `within` seconds pass); its last state."""
+    deadline = time.monotonic() + within
+    while True:
+        state = client.get(f"/v1/jobs/{job['job_id']}").json()
+        if state["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+def test_an_ingest_job_runs_in_batches_and_reports_progress(client: httpx.Client) -> None:
+    docs = [
+        {"id": f"note-{i}", "text": f"Field note {i}: the heron number {i} fished at dawn."}
+        for i in range(70)
+    ]
+    docs[42]["text"] = "A kingfisher dived into the millpond and came up with a minnow."
+    response = client.post("/v1/collections/jobs_kb/jobs", json={"documents": docs})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['job_id']}"
+    assert job["status"] in ("queued", "running") and job["documents"] == 70
+    seen_progress = set()
+    deadline = time.monotonic() + 120
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job['job_id']}").json()
+        seen_progress.add(job["documents_done"])
+        time.sleep(0.05)
+    assert job["status"] == "succeeded", job
+    assert job["documents_done"] == 70 and job["progress"] == 1.0 and job["chunks"] == 70
+    assert seen_progress <= {0, 32, 64, 70}  # progress moves batch by batch
+    hits = client.post(
+        "/v1/retrieve", json={"query": "kingfisher millpond", "collection": "jobs_kb"}
+    ).json()["hits"]
+    assert hits[0]["doc_id"] == "note-42"
+    listed = client.get("/v1/jobs", params={"collection": "jobs_kb"}).json()["jobs"]
+    assert [j["job_id"] for j in listed] == [job["job_id"]]
+    report = client.get("/v1/collections/jobs_kb/verify").json()
+    assert report["consistent"] and report["lexical_chunks"] == report["dense_chunks"] == 70
+    assert_error(client.get(f"/v1/jobs/{'0' * 32}"), 404, "job_not_found")
+    assert_error(client.get("/v1/jobs/not-a-job"), 422, "invalid_request")
+    no_docs = client.post("/v1/collections/jobs_kb/jobs", json={"documents": []})
+    assert_error(no_docs, 422, "invalid_request")
+
+
+def test_files_are_parsed_by_format_and_bad_files_refused(client: httpx.Client) -> None:
+    html = (
+        b"<html><head><title>Lighthouse log</title><script>var x = 'nope';</script></head>"
+        b"<body><h1>Lighthouse log</h1><p>The keeper trimmed the wick at &amp; after dusk.</p>"
+        b"<h2>Storms</h2><p>A gale broke the lantern glass in November.</p></body></html>"
+    )
+    markdown = b"---\ntitle: Garden notes\n---\n# Garden notes\n\nThe quince tree fruited.\n"
+    uploads = [
+        ("log.html", "text/html", html, "lighthouse lantern gale", "log.html"),
+        ("garden.md", "text/markdown", markdown, "quince tree fruited", "garden.md"),
+    ]
+    for filename, content_type, body, query, doc_id in uploads:
+        response = client.post(
+            "/v1/collections/files_kb/files",
+            params={"filename": filename, "metadata": '{"kind": "upload"}'},
+            content=body,
+            headers={"content-type": content_type},
+        )
+        assert response.status_code == 202, response.text
+        assert wait_for_job(client, response.json())["status"] == "succeeded"
+        hit = client.post(
+            "/v1/retrieve",
+            json={"query": query, "collection": "files_kb", "filters": {"kind": "upload"}},
+        ).json()["hits"][0]
+        assert hit["doc_id"] == doc_id and hit["source"] == filename
+        assert "var x" not in hit["text"] and "---" not in hit["text"]
+    assert hit["title"] == "Garden notes"
+    # JSON documents name their format; HTML is read as text, its <title> the title.
+    as_json = {"id": "page", "text": html.decode(), "format": "html"}
+    written = client.post("/v1/collections/files_kb/documents", json={"documents": [as_json]})
+    assert written.status_code == 200, written.text
+    hit = client.post(
+        "/v1/retrieve",
+        json={"query": "lantern glass", "collection": "files_kb", "filters": {"doc_id": "page"}},
+    ).json()["hits"][0]
+    assert (
+        hit["title"] == "Lighthouse log" and "<p>" not in hit["text"] and "&amp;" not in hit["text"]
+    )
+    pdf_in_json = {"id": "p", "text": "%PDF-1.4", "format": "pdf"}
+    refused_json = client.post(
+        "/v1/collections/files_kb/documents", json={"documents": [pdf_in_json]}
+    )
+    assert_error(refused_json, 422, "invalid_request")
+    refused = [
+        ({"filename": "scan.pdf"}, "application/pdf", b"%PDF-1.4 not really a pdf"),
+        ({"filename": "empty.txt"}, "text/plain", b""),
+        ({"filename": "data.bin"}, "application/octet-stream", b"\x00\x01"),
+        ({"filename": "x.txt", "metadata": "[1, 2]"}, "text/plain", b"some text"),
+    ]
+    for params, content_type, body in refused:
+        response = client.post(
+            "/v1/collections/files_kb/files",
+            params=params,
+            content=body,
+            headers={"content-type": content_type},
+        )
+        assert response.status_code == 422, (params, response.text)
+        assert response.json()["error"]["message"]
+
+
+def test_verify_compares_the_stores(client: httpx.Client, ingested: dict) -> None:
+    report = client.get("/v1/collections/kb/verify").json()
+    assert report == {
+        "collection": "kb",
+        "consistent": True,
+        "lexical_chunks": 4,
+        "dense_chunks": 4,
+        "only_in_lexical": [],
+        "only_in_dense": [],
+        "only_in_lexical_count": 0,
+        "only_in_dense_count": 0,
+        "pending_writes": 0,
+    }
+    assert_error(client.get("/v1/collections/absent/verify"), 404, "collection_not_found")
+
+
 def test_lexical_outage_degrades_to_dense(service: Service, base: Path, ingested: dict) -> None:
     """Runs last: it replaces the module's service by one whose lexical backend is an
     Elasticsearch that is down (a free port nobody listens on)."""
@@ -216,6 +337,9 @@ def test_lexical_outage_degrades_to_dense(service: Service, base: Path, ingested
             assert body["hits"][0]["doc_id"] == "bread"
             assert all(h["ranks"]["lexical"] is None for h in body["hits"])
             assert metric(degraded.url, "ragline_retriever_degraded_total", backend="lexical") == 1
-            # Writes need both stores: a clear 503, not a half-written success.
+            # Writes need both stores: a clear 503, not a half-written success; the
+            # write is journaled for the lexical store and will be replayed.
             write = c.post("/v1/collections/kb/documents", json={"documents": DOCS[:1]})
-            assert_error(write, 503, "index_unavailable")
+            assert_error(write, 503, "index_write_pending")
+            assert write.headers["retry-after"]
+            assert metric(degraded.url, "ragline_retriever_pending_writes") == 1

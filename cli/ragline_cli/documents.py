@@ -1,5 +1,9 @@
 """Reading files into ingestible documents: the id is the path relative to what was named,
-so re-ingesting the same folder replaces documents instead of duplicating them."""
+so re-ingesting the same folder replaces documents instead of duplicating them.
+
+Text files (.md, .txt, .rst) are read here and sent as JSON documents in batches; HTML
+and PDF are uploaded as they are and parsed by the retriever, which knows those formats.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TEXT_SUFFIXES = {".md", ".markdown", ".txt", ".rst"}
+MARKDOWN_SUFFIXES = {".md", ".markdown"}
+TEXT_SUFFIXES = {*MARKDOWN_SUFFIXES, ".txt", ".rst"}
+UPLOAD_SUFFIXES = {".html": "text/html", ".htm": "text/html", ".pdf": "application/pdf"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:/@-]+")
 
 
@@ -26,11 +32,16 @@ def split_title(path: Path, text: str) -> tuple[str, str]:
     return path.stem.replace("-", " ").replace("_", " "), text
 
 
-def iter_documents(target: Path) -> Iterator[dict[str, Any]]:
+def _files(target: Path) -> tuple[Path, list[Path]]:
     root = target if target.is_dir() else target.parent
     files = sorted(target.rglob("*")) if target.is_dir() else [target]
+    return root, [p for p in files if p.is_file()]
+
+
+def iter_documents(target: Path) -> Iterator[dict[str, Any]]:
+    root, files = _files(target)
     for path in files:
-        if not path.is_file() or path.suffix.lower() not in TEXT_SUFFIXES:
+        if path.suffix.lower() not in TEXT_SUFFIXES:
             continue
         text = path.read_text(encoding="utf-8", errors="replace").strip()
         if not text:
@@ -42,4 +53,14 @@ def iter_documents(target: Path) -> Iterator[dict[str, Any]]:
             "text": body,
             "source": path.name,
             "metadata": {"path": str(path.relative_to(root))},
+            "format": "markdown" if path.suffix.lower() in MARKDOWN_SUFFIXES else "text",
         }
+
+
+def iter_uploads(target: Path) -> Iterator[tuple[Path, str, str]]:
+    """(path, document id, content type) of every file the retriever parses itself."""
+    root, files = _files(target)
+    for path in files:
+        content_type = UPLOAD_SUFFIXES.get(path.suffix.lower())
+        if content_type:
+            yield path, doc_id_for(path, root), content_type

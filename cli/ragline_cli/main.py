@@ -1,8 +1,10 @@
 """`ragline`: run the local stack, ingest files, ask questions.
 
 ragline up                   the whole stack in the foreground (Ctrl-C stops it all)
-ragline ingest PATH          a file or a folder of .md/.txt files
+ragline ingest PATH          a file or a folder of .md/.txt/.rst/.html/.pdf files
 ragline ask "question"       stream an answer with its sources
+ragline verify COLLECTION    compare the lexical and dense indexes of a collection
+ragline eval DIR             retrieval quality on a BEIR-layout data set (in-process)
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 import httpx
 import orjson
 
-from ragline_cli.documents import iter_documents
+from ragline_cli import evaluate
+from ragline_cli.documents import iter_documents, iter_uploads
 from ragline_cli.stack import REPO_ROOT, Stack, StackConfig
 
-BATCH = 32
+JOB_BATCH = 1000
 
 
 def default_url() -> str:
@@ -30,20 +33,98 @@ def default_url() -> str:
     )
 
 
+def _submitted(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code >= 400:
+        raise SystemExit(f"ingest failed ({response.status_code}): {response.text}")
+    return response.json()
+
+
+def wait_for_jobs(client: httpx.Client, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Polls until every job has ended, showing progress on stderr; the ended jobs."""
+    ended: dict[str, dict[str, Any]] = {}
+    total = sum(j["documents"] for j in jobs) or 1
+    last = ""
+    while len(ended) < len(jobs):
+        done = 0
+        for job in jobs:
+            if job["job_id"] not in ended:
+                job = client.get(f"/api/jobs/{job['job_id']}").raise_for_status().json()
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    ended[job["job_id"]] = job
+            done += ended.get(job["job_id"], job)["documents_done"]
+        line = f"\ringesting: {done}/{total} documents"
+        if sys.stderr.isatty() and line != last:
+            print(line, end="", file=sys.stderr, flush=True)
+            last = line
+        if len(ended) < len(jobs):
+            time.sleep(0.2)
+    if last:
+        print(file=sys.stderr)
+    return [ended[j["job_id"]] for j in jobs]
+
+
 def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
+    """Text files go as JSON documents in jobs of up to JOB_BATCH; HTML and PDF files are
+    uploaded for the retriever to parse. Waits for every job; exits on a failed one."""
     docs = list(iter_documents(path))
-    if not docs:
-        raise SystemExit(f"no .md/.txt/.rst files under {path}")
-    total_chunks = 0
+    uploads = list(iter_uploads(path))
+    if not docs and not uploads:
+        raise SystemExit(f"no .md/.txt/.rst/.html/.pdf files under {path}")
+    root = path if path.is_dir() else path.parent
     with httpx.Client(base_url=url, timeout=600) as client:
-        for i in range(0, len(docs), BATCH):
-            response = client.post(
-                f"/api/collections/{collection}/documents", json={"documents": docs[i : i + BATCH]}
+        jobs = [
+            _submitted(
+                client.post(
+                    f"/api/collections/{collection}/jobs",
+                    json={"documents": docs[i : i + JOB_BATCH]},
+                )
             )
-            if response.status_code >= 400:
-                raise SystemExit(f"ingest failed ({response.status_code}): {response.text}")
-            total_chunks += int(response.json().get("chunks", 0))
-    return len(docs), total_chunks
+            for i in range(0, len(docs), JOB_BATCH)
+        ]
+        for file, doc_id, content_type in uploads:
+            params = {
+                "filename": file.name,
+                "id": doc_id,
+                "metadata": orjson.dumps({"path": str(file.relative_to(root))}).decode(),
+            }
+            jobs.append(
+                _submitted(
+                    client.post(
+                        f"/api/collections/{collection}/files",
+                        params=params,
+                        content=file.read_bytes(),
+                        headers={"content-type": content_type},
+                    )
+                )
+            )
+        ended = wait_for_jobs(client, jobs)
+    failed = [j for j in ended if j["status"] != "succeeded"]
+    if failed:
+        for job in failed:
+            print(f"job {job['job_id']} {job['status']}: {job.get('error')}", file=sys.stderr)
+        raise SystemExit(f"{len(failed)} of {len(ended)} ingest jobs did not succeed")
+    return sum(j["documents"] for j in ended), sum(j["chunks"] for j in ended)
+
+
+def verify(url: str, collection: str) -> int:
+    with httpx.Client(base_url=url, timeout=600) as client:
+        response = client.get(f"/api/collections/{collection}/verify")
+    if response.status_code >= 400:
+        print(f"error {response.status_code}: {response.text}", file=sys.stderr)
+        return 2
+    report = response.json()
+    print(
+        f"{collection}: {report['lexical_chunks']} chunks in the lexical index, "
+        f"{report['dense_chunks']} in the dense index, {report['pending_writes']} writes pending"
+    )
+    for side in ("lexical", "dense"):
+        count = report[f"only_in_{side}_count"]
+        if count:
+            ids = report[f"only_in_{side}"]
+            shown = ", ".join(ids[:20]) + (" ..." if count > 20 else "")
+            print(f"  only in {side} ({count}): {shown}")
+    print("consistent" if report["consistent"] else "NOT consistent")
+    return 0 if report["consistent"] else 1
 
 
 def iter_sse(response: httpx.Response) -> Any:
@@ -130,10 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     p_ingest.add_argument("path", type=Path)
     p_ask = sub.add_parser("ask", help="ask a question and stream the answer")
     p_ask.add_argument("question")
-    for p in (p_ingest, p_ask):
+    p_verify = sub.add_parser("verify", help="compare the two indexes of a collection")
+    p_verify.add_argument("collection")
+    for p in (p_ingest, p_ask, p_verify):
         p.add_argument("--url", default=default_url(), help="ragline's URL (env RAGLINE_URL)")
+    for p in (p_ingest, p_ask):
         p.add_argument("--collection", default=None)
+    evaluate.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return evaluate.run(args)
+    if args.command == "verify":
+        return verify(args.url, args.collection)
     if args.command == "up":
         return up(args.no_ingest)
     if args.command == "ingest":

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
-from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN, IngestRequest
+from ragline_common.wire import COLLECTION_PATTERN
 from ragline_gateway.admission import Admission, Ticket
 from ragline_gateway.clients.base import UpstreamError
 from ragline_gateway.memory import Turn
@@ -152,7 +152,10 @@ async def chat_completions(body: OpenAIChatRequest, request: Request) -> Respons
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
-    names = await _forward(request, "GET", "/v1/collections", None)
+    try:
+        names = await request.app.state.retriever.call("GET", "/v1/collections", 10.0)
+    except UpstreamError as exc:
+        raise ApiError(503, "retriever_unavailable", "the document index is unavailable") from exc
     collections = [c["name"] for c in names.get("collections", [])]
     return {
         "object": "list",
@@ -161,42 +164,6 @@ async def models(request: Request) -> dict[str, Any]:
             for name in [DEFAULT_MODEL, *collections]
         ],
     }
-
-
-# --- document management, forwarded to retriever-svc (admin scope comes with auth) ------
-
-
-async def _forward(request: Request, method: str, path: str, body: dict[str, Any] | None) -> Any:
-    retriever = request.app.state.retriever
-    try:
-        return await retriever.call(method, path, 300.0, body)
-    except UpstreamError as exc:
-        if exc.status is not None and 400 <= exc.status < 500:
-            raise ApiError(exc.status, exc.error_code or "bad_request", exc.error_message) from exc
-        raise ApiError(503, "retriever_unavailable", "the document index is unavailable") from exc
-
-
-@router.get("/api/collections")
-async def list_collections(request: Request) -> Any:
-    return await _forward(request, "GET", "/v1/collections", None)
-
-
-@router.post("/api/collections/{collection}/documents")
-async def ingest(collection: str, body: IngestRequest, request: Request) -> Any:
-    if not _valid(COLLECTION_PATTERN, collection):
-        raise ApiError(422, "invalid_collection", f"collection names match {COLLECTION_PATTERN}")
-    return await _forward(
-        request, "POST", f"/v1/collections/{collection}/documents", body.model_dump(mode="json")
-    )
-
-
-@router.delete("/api/collections/{collection}/documents/{doc_id:path}")
-async def delete_document(collection: str, doc_id: str, request: Request) -> Any:
-    if not _valid(COLLECTION_PATTERN, collection) or not _valid(DOC_ID_PATTERN, doc_id):
-        raise ApiError(422, "invalid_request", "invalid collection name or document id")
-    return await _forward(
-        request, "DELETE", f"/v1/collections/{collection}/documents/{doc_id}", None
-    )
 
 
 @router.get("/readyz", include_in_schema=False)

@@ -14,6 +14,7 @@ from ragline_gateway.api_router import router
 from ragline_gateway.clients.llm import LlmClient
 from ragline_gateway.clients.reranker import RerankerClient
 from ragline_gateway.clients.retriever import RetrieverClient
+from ragline_gateway.documents import router as documents_router
 from ragline_gateway.memory import ConversationMemory, LocalMemory, RedisMemory
 from ragline_gateway.pipeline import AnswerPipeline
 from ragline_gateway.settings import GatewaySettings
@@ -53,4 +54,5 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app = create_app("ragline gateway", lifespan)
     app.include_router(router)
+    app.include_router(documents_router)
     return app

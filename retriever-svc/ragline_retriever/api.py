@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
@@ -21,13 +21,17 @@ from ragline_common.wire import (
     RetrieveResponse,
 )
 from ragline_retriever import ingest as ingesting
+from ragline_retriever import uploads
+from ragline_retriever.protocol import IngestJobRequest, Job, JobsResponse, VerifyReport
 from ragline_retriever.runtime import Runtime
 from ragline_retriever.search import retrieve
+from ragline_retriever.verify import verify
 
 router = APIRouter()
 
 CollectionPath = Annotated[str, Path(pattern=COLLECTION_PATTERN)]
 DocIdPath = Annotated[str, Path(pattern=DOC_ID_PATTERN)]
+JobIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 
 
 def runtime(request: Request) -> Runtime:
@@ -57,6 +61,78 @@ async def delete_document(
 ) -> DeleteResponse:
     deleted = await ingesting.delete_document(runtime(request), collection, doc_id)
     return DeleteResponse(collection=collection, doc_id=doc_id, deleted=deleted)
+
+
+@router.post("/v1/collections/{collection}/jobs", response_model=Job, status_code=202)
+async def post_job(
+    collection: CollectionPath, body: IngestJobRequest, request: Request
+) -> JsonResponse:
+    job = await runtime(request).jobs.submit(collection, body.documents)
+    return _accepted(job)
+
+
+@router.post("/v1/collections/{collection}/files", response_model=Job, status_code=202)
+async def post_file(
+    collection: CollectionPath,
+    request: Request,
+    filename: Annotated[str, Query(max_length=1000)] = "",
+    id: Annotated[str | None, Query(pattern=DOC_ID_PATTERN)] = None,
+    title: Annotated[str | None, Query(max_length=1000)] = None,
+    url: Annotated[str, Query(max_length=2000)] = "",
+    source: Annotated[str | None, Query(max_length=1000)] = None,
+    metadata: Annotated[str, Query(max_length=20_000)] = "{}",
+) -> JsonResponse:
+    """One file as the raw request body (text, Markdown, HTML or PDF, by Content-Type or
+    file name), parsed here so a bad file is a 422 now, then ingested as a job."""
+    rt = runtime(request)
+    document = await uploads.document_from_upload(
+        await request.body(),
+        content_type=request.headers.get("content-type", ""),
+        filename=filename,
+        doc_id=id,
+        title=title,
+        url=url,
+        source=source,
+        metadata=metadata,
+    )
+    return _accepted(await rt.jobs.submit(collection, [document]))
+
+
+def _accepted(job: Job) -> JsonResponse:
+    return JsonResponse(
+        job.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job.job_id}"}
+    )
+
+
+@router.get("/v1/jobs", response_model=JobsResponse)
+async def list_jobs(
+    request: Request,
+    collection: Annotated[str | None, Query(pattern=COLLECTION_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JobsResponse:
+    store = runtime(request).jobs.store
+    return JobsResponse(jobs=await asyncio.to_thread(store.list, collection, limit))
+
+
+@router.get("/v1/jobs/{job_id}", response_model=Job)
+async def get_job(job_id: JobIdPath, request: Request) -> Job:
+    job = await asyncio.to_thread(runtime(request).jobs.store.get, job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return job
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=Job)
+async def cancel_job(job_id: JobIdPath, request: Request) -> Job:
+    job = await runtime(request).jobs.cancel(job_id)
+    if job is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return job
+
+
+@router.get("/v1/collections/{collection}/verify", response_model=VerifyReport)
+async def get_verify(collection: CollectionPath, request: Request) -> VerifyReport:
+    return await verify(runtime(request), collection)
 
 
 @router.get("/v1/collections", response_model=CollectionsResponse)

@@ -1,11 +1,12 @@
-"""Ingest and delete: chunk, embed, write to both indexes.
+"""Ingest and delete: chunk, embed, then write both indexes through the journal.
 
 Writing a document replaces it: each store's `upsert` makes the new chunks the whole set
 for that document (stale chunks of a longer old version are removed), and chunk ids are
 derived from (doc_id, position), so ingesting the same batch twice changes nothing.
-The two stores are written concurrently; if either fails the request is a 503 and may
-have been applied to one store only — retrying the same request repairs that, since the
-write is idempotent. (Async jobs with verification are the later seam for big batches.)
+The two stores are written concurrently by `StoreWriter` (writes.py); a store that fails
+keeps the write journaled and gets it replayed, so the stores converge. A request whose
+write is still owed by one store is a 503 `index_write_pending`: nothing is lost, and
+retrying is safe.
 """
 
 from __future__ import annotations
@@ -13,15 +14,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from ragline_common.errors import ApiError
 from ragline_common.wire import DocumentIn, IngestResponse
-from ragline_retriever.backends.base import Chunk, CollectionNotFound
+from ragline_retriever.backends.base import Chunk
 from ragline_retriever.chunking import chunk_id, split_text
+from ragline_retriever.journal import WriteOp
 from ragline_retriever.metrics import INGESTED_CHUNKS
+from ragline_retriever.parsing import UnsupportedDocument, parse_document
 from ragline_retriever.runtime import Runtime
+from ragline_retriever.writes import WriteResult
 
 log = logging.getLogger("ragline.retriever.ingest")
+
+
+def readable(doc: DocumentIn) -> tuple[str, str]:
+    """The document's text as the chunker reads it, and its title (its own, else the one
+    the format names: an HTML <title>, a Markdown front matter or first heading)."""
+    if doc.format == "text":
+        return doc.text, doc.title
+    try:
+        parsed = parse_document(doc.text, doc.format)
+    except UnsupportedDocument as exc:
+        raise ApiError(422, "unsupported_document", f"document {doc.id!r}: {exc}") from exc
+    return parsed.text, doc.title or parsed.title
 
 
 def chunk_documents(
@@ -32,7 +49,8 @@ def chunk_documents(
     chunks: list[Chunk] = []
     empty: list[str] = []
     for doc in latest.values():
-        pieces = split_text(doc.text, size, overlap)
+        text, title = readable(doc)
+        pieces = split_text(text, size, overlap)
         if not pieces:
             empty.append(doc.id)
         for piece in pieces:
@@ -42,7 +60,7 @@ def chunk_documents(
                     doc_id=doc.id,
                     text=piece.text,
                     position=piece.position,
-                    title=doc.title,
+                    title=title,
                     url=doc.url,
                     source=doc.source,
                     metadata=dict(doc.metadata),
@@ -60,14 +78,15 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
-def _unavailable(exc: BaseException) -> ApiError:
-    log.error("index write failed", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
-    return ApiError(
-        503, "index_unavailable", "an index could not be written; the request is safe to retry"
-    )
+@dataclass
+class Ingested:
+    response: IngestResponse
+    write: WriteResult
 
 
-async def ingest(rt: Runtime, collection: str, documents: list[DocumentIn]) -> IngestResponse:
+async def write_documents(rt: Runtime, collection: str, documents: list[DocumentIn]) -> Ingested:
+    """Chunk, embed and write through the journal; the caller decides what a write that
+    is still pending in one store means (a 503 for a request, a wait for a job)."""
     settings = rt.settings
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -82,82 +101,70 @@ async def ingest(rt: Runtime, collection: str, documents: list[DocumentIn]) -> I
         raise ApiError(503, "embedding_unavailable", "the embedding model failed") from exc
     timings["embed_ms"] = _ms(embed_start)
 
-    dense = rt.dense
-    if dense is None:
-        raise ApiError(503, "index_unavailable", "the dense index is not open")
     write_start = time.perf_counter()
-    async with rt.write_lock(collection):
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(
-                    rt.lexical.ensure_collection(collection), dense.ensure_collection(collection)
-                ),
-                settings.write_timeout_s,
-            )
-            await asyncio.wait_for(
-                asyncio.gather(
-                    rt.lexical.upsert(collection, chunks),
-                    dense.upsert(collection, chunks, vectors),
-                    *(_delete_both(rt, collection, doc_id) for doc_id in empty),
-                ),
-                settings.write_timeout_s,
-            )
-        except ApiError:
-            raise
-        except Exception as exc:
-            raise _unavailable(exc) from exc
+    result = await rt.writer.write(
+        collection, WriteOp(chunks=chunks, vectors=vectors, delete_doc_ids=empty)
+    )
     timings["write_ms"] = _ms(write_start)
     timings["total_ms"] = _ms(start)
-    INGESTED_CHUNKS.inc(len(chunks))
+    if result.rejected:
+        raise ApiError(
+            422,
+            "document_rejected",
+            f"an index refused these documents ({result.rejected}); they were removed from "
+            "both indexes: fix and send them again",
+        )
+    if not result.pending:
+        INGESTED_CHUNKS.inc(len(chunks))
     log.info(
         "ingested",
         extra={
             "collection": collection,
             "documents": len(documents),
             "chunks": len(chunks),
+            "pending": sorted(result.pending),
             **timings,
         },
     )
-    return IngestResponse(
+    response = IngestResponse(
         collection=collection,
         documents=len({d.id for d in documents}),
         chunks=len(chunks),
         timings=timings,
     )
+    return Ingested(response, result)
 
 
-async def _delete_both(rt: Runtime, collection: str, doc_id: str) -> int:
-    assert rt.dense is not None
-    results = await asyncio.gather(
-        rt.lexical.delete_document(collection, doc_id),
-        rt.dense.delete_document(collection, doc_id),
-        return_exceptions=True,
+def _pending_error(result: WriteResult) -> ApiError:
+    stores = " and ".join(sorted(result.pending))
+    return ApiError(
+        503,
+        "index_write_pending",
+        f"the {stores} index could not be written now; the write is journaled and will be "
+        "applied automatically when it is back (retrying is also safe)",
+        {"Retry-After": "5"},
     )
-    found = [r for r in results if not isinstance(r, BaseException)]
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures and not all(isinstance(f, CollectionNotFound) for f in failures):
-        raise next(f for f in failures if not isinstance(f, CollectionNotFound))
-    if not found:
-        raise CollectionNotFound(collection)
-    return max(found)
+
+
+async def ingest(rt: Runtime, collection: str, documents: list[DocumentIn]) -> IngestResponse:
+    ingested = await write_documents(rt, collection, documents)
+    if ingested.write.pending:
+        raise _pending_error(ingested.write)
+    return ingested.response
 
 
 async def delete_document(rt: Runtime, collection: str, doc_id: str) -> bool:
     """True when the document existed (in either store) and is now gone from both."""
-    if rt.dense is None:
-        raise ApiError(503, "index_unavailable", "the dense index is not open")
-    async with rt.write_lock(collection):
-        try:
-            removed = await asyncio.wait_for(
-                _delete_both(rt, collection, doc_id), rt.settings.write_timeout_s
-            )
-        except CollectionNotFound as exc:
-            raise ApiError(
-                404, "collection_not_found", f"collection {collection!r} does not exist"
-            ) from exc
-        except Exception as exc:
-            raise _unavailable(exc) from exc
-    return removed > 0
+    known = await asyncio.gather(
+        *(index.has_collection(collection) for index in rt.writer.stores.values() if index),
+        return_exceptions=True,
+    )
+    if known and all(k is False for k in known):
+        raise ApiError(404, "collection_not_found", f"collection {collection!r} does not exist")
+    result = await rt.writer.write(collection, WriteOp(delete_doc_ids=[doc_id]))
+    if result.pending:
+        raise _pending_error(result)
+    return max(result.removed.values(), default=0) > 0
 
 
 async def list_collections(rt: Runtime) -> dict[str, int]:

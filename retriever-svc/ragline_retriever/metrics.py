@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -26,4 +26,23 @@ EMBEDDING_SECONDS = Histogram(
     "Time to embed a query or a batch of passages.",
     ["kind"],
     buckets=(*_LATENCY_BUCKETS, 30.0, 60.0, 120.0),
+)
+PENDING_WRITES = Gauge(
+    "ragline_retriever_pending_writes",
+    "Journaled writes that some store has not applied yet (0 when the stores agree).",
+)
+WRITE_FAILURES = Counter(
+    "ragline_retriever_write_failures_total",
+    "Store writes that failed and stay journaled for a retry, by store.",
+    ["store"],
+)
+WRITES_REPLAYED = Counter(
+    "ragline_retriever_writes_replayed_total",
+    "Journaled writes applied on a later attempt, by store.",
+    ["store"],
+)
+JOBS = Counter(
+    "ragline_retriever_ingest_jobs_total",
+    "Ingest jobs that finished, by final status.",
+    ["status"],
 )

@@ -1,4 +1,5 @@
-"""What the retriever holds for its lifetime: settings, the model and the two indexes.
+"""What the retriever holds for its lifetime: settings, the model, the two indexes, the
+write journal and the ingest jobs.
 
 Opened once in the app's lifespan, so `/readyz` turning 200 means the model is loaded and
 the stores are open. A backend that cannot be opened at start (a remote store that is
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
 
 from ragline_retriever.backends import make_dense, make_lexical
 from ragline_retriever.backends.base import DenseIndex, LexicalIndex
 from ragline_retriever.embedding import Embedder
+from ragline_retriever.jobs import JobRunner, JobStore
+from ragline_retriever.journal import Journal
 from ragline_retriever.settings import RetrieverSettings
+from ragline_retriever.writes import StoreWriter
 
 log = logging.getLogger("ragline.retriever")
 
@@ -31,18 +34,19 @@ class Runtime:
         )
         self.lexical: LexicalIndex = make_lexical(settings)
         self.dense: DenseIndex | None = None
+        self.journal = Journal(settings.data_dir / "journal.sqlite3")
+        self.writer = StoreWriter(
+            self.journal, {"lexical": self.lexical, "dense": None}, settings.write_timeout_s
+        )
+        self.jobs = JobRunner(JobStore(settings.data_dir / "jobs.sqlite3"), self)
         self.ready = False
-        # Ingests and deletes of one collection are serialized: "delete old chunks, write
-        # new ones" must not interleave with another write of the same document.
-        self._write_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-
-    def write_lock(self, collection: str) -> asyncio.Lock:
-        return self._write_locks[collection]
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def open(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.embedder.load()  # also tells the dense index its dimension
         self.dense = make_dense(self.settings, self.embedder.dim)
+        self.writer.stores["dense"] = self.dense
         for role, index in (("lexical", self.lexical), ("dense", self.dense)):
             try:
                 await index.open()
@@ -52,10 +56,18 @@ class Runtime:
                     role,
                     extra={"backend": index.name},
                 )
+        # Writes journaled before a crash or during an outage are replayed from here on.
+        self._tasks = [
+            asyncio.create_task(self.writer.repair_forever(self.settings.repair_interval_s)),
+            asyncio.create_task(self.jobs.run_forever()),
+        ]
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for index in (self.lexical, self.dense):
             if index is None:
                 continue
@@ -64,3 +76,5 @@ class Runtime:
             except Exception:
                 log.exception("error closing %s", index.name)
         self.embedder.close()
+        self.jobs.store.close()
+        self.journal.close()

@@ -15,6 +15,8 @@ def make_lexical(settings: RetrieverSettings) -> LexicalIndex:
             api_key=settings.es_api_key,
             prefix=settings.es_index_prefix,
             timeout=settings.write_timeout_s,
+            analyzer=settings.es_analyzer,
+            collection_analyzers=settings.es_collection_analyzers,
         )
     from ragline_retriever.backends.tantivy_index import TantivyIndex
 

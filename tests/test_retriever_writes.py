@@ -1,0 +1,254 @@
+"""The two stores converge: writes go through the journal, a store that fails between the
+two writes gets them replayed in order, and `verify` reports any difference.
+
+The stores are the real embedded ones (tantivy and Milvus Lite on tmp_path). A failure is
+injected by a switch in front of one store, standing in for an outage between the two
+writes; everything behind the switch is the real index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragline_retriever.backends.base import BackendUnavailable, Chunk, MetadataConflict
+from ragline_retriever.backends.milvus_index import MilvusIndex
+from ragline_retriever.backends.tantivy_index import TantivyIndex
+from ragline_retriever.journal import Journal, WriteOp
+from ragline_retriever.writes import StoreWriter
+
+DIM = 4
+COLLECTION = "kb"
+
+
+class Switched:
+    """A real index behind a switch: `down` makes writes fail as an outage would; the
+    documents in `refuse` are refused for good as Elasticsearch refuses a mapping conflict
+    (the rest of the batch is written, then the refused documents are named)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.down = False
+        self.refuse: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def _check(self) -> None:
+        if self.down:
+            raise BackendUnavailable("injected outage")
+
+    async def ensure_collection(self, collection: str) -> None:
+        self._check()
+        await self.inner.ensure_collection(collection)
+
+    async def upsert(self, collection: str, chunks: list[Chunk], *vectors: Any) -> None:
+        self._check()
+        keep = [i for i, c in enumerate(chunks) if c.doc_id not in self.refuse]
+        rest = [[v[i] for i in keep] for v in vectors]
+        await self.inner.upsert(collection, [chunks[i] for i in keep], *rest)
+        refused = sorted({c.doc_id for c in chunks} & self.refuse)
+        if refused:
+            raise MetadataConflict(collection, "year", "injected refusal", refused)
+
+    async def delete_document(self, collection: str, doc_id: str) -> int:
+        self._check()
+        return await self.inner.delete_document(collection, doc_id)
+
+
+def doc(doc_id: str, *texts: str) -> WriteOp:
+    chunks = [Chunk(f"{doc_id}#{i}", doc_id, text, i, title=doc_id) for i, text in enumerate(texts)]
+    return WriteOp(chunks=chunks, vectors=[[1.0, float(i), 0.0, 0.0] for i in range(len(texts))])
+
+
+class Stores:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.lexical = Switched(TantivyIndex(base / "tantivy"))
+        self.dense = Switched(MilvusIndex(str(base / "milvus.db"), dim=DIM))
+        self.journal = Journal(base / "journal.sqlite3")
+        self.writer = StoreWriter(
+            self.journal, {"lexical": self.lexical, "dense": self.dense}, timeout_s=30
+        )
+
+    async def open(self) -> None:
+        await self.lexical.open()
+        await self.dense.open()
+
+    async def close(self) -> None:
+        await self.lexical.close()
+        await self.dense.close()
+        self.journal.close()
+
+    async def ids(self) -> tuple[set[str], set[str]]:
+        return (
+            await self.lexical.chunk_ids(COLLECTION),
+            await self.dense.chunk_ids(COLLECTION),
+        )
+
+    async def dense_texts(self, doc_id: str) -> list[str]:
+        hits = await self.dense.search(COLLECTION, [1.0, 0.0, 0.0, 0.0], 50, {"doc_id": doc_id})
+        return sorted(h.chunk.text for h in hits)
+
+    async def lexical_texts(self, query: str, doc_id: str) -> list[str]:
+        hits = await self.lexical.search(COLLECTION, query, 50, {"doc_id": doc_id})
+        return sorted(h.chunk.text for h in hits)
+
+
+def run(base: Path, scenario: Callable[[Stores], Awaitable[None]]) -> None:
+    async def main() -> None:
+        stores = Stores(base)
+        await stores.open()
+        try:
+            await scenario(stores)
+        finally:
+            await stores.close()
+
+    asyncio.run(main())
+
+
+async def wait_until_drained(writer: StoreWriter, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if writer.journal.count() == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the repair loop did not drain the journal")
+
+
+def test_a_write_that_fails_in_one_store_is_replayed_by_the_repair_loop(tmp_path: Path) -> None:
+    async def scenario(s: Stores) -> None:
+        await s.writer.write(COLLECTION, doc("seed", "seed text"))
+        s.dense.down = True
+        result = await s.writer.write(COLLECTION, doc("alpha", "alpha one", "alpha two"))
+        assert set(result.pending) == {"dense"} and "injected outage" in result.pending["dense"]
+        lexical, dense = await s.ids()
+        assert lexical == {"seed#0", "alpha#0", "alpha#1"} and dense == {"seed#0"}
+        assert s.journal.count(COLLECTION) == 1
+
+        s.dense.down = False
+        repairs = asyncio.create_task(s.writer.repair_forever(interval_s=0.05))
+        try:
+            await wait_until_drained(s.writer)
+        finally:
+            repairs.cancel()
+        lexical, dense = await s.ids()
+        assert lexical == dense == {"seed#0", "alpha#0", "alpha#1"}
+        assert await s.dense_texts("alpha") == ["alpha one", "alpha two"]
+
+    run(tmp_path, scenario)
+
+
+def test_replays_keep_the_order_of_writes(tmp_path: Path) -> None:
+    """While dense is down, a document is written long, then short, and another one is
+    deleted; a replay in any other order would leave stale chunks or a deleted document."""
+
+    async def scenario(s: Stores) -> None:
+        await s.writer.write(COLLECTION, doc("gone", "to be deleted"))
+        s.dense.down = True
+        await s.writer.write(COLLECTION, doc("beta", "beta old one", "beta old two", "beta old 3"))
+        await s.writer.write(COLLECTION, doc("beta", "beta new"))
+        pending = await s.writer.write(COLLECTION, WriteOp(delete_doc_ids=["gone"]))
+        assert "waiting behind" in pending.pending["dense"]  # not applied out of order
+        s.dense.down = False
+        # A new write while older ones are journaled: dense applies them first, in order.
+        result = await s.writer.write(COLLECTION, doc("gamma", "gamma"))
+        assert result.pending == {}
+        assert s.journal.count() == 0
+        lexical, dense = await s.ids()
+        assert lexical == dense == {"beta#0", "gamma#0"}
+        assert await s.dense_texts("beta") == ["beta new"]
+        assert await s.lexical_texts("beta", "beta") == ["beta new"]
+
+    run(tmp_path, scenario)
+
+
+def test_the_journal_survives_a_restart(tmp_path: Path) -> None:
+    async def crash_mid_write(s: Stores) -> None:
+        s.lexical.down = True
+        result = await s.writer.write(COLLECTION, doc("delta", "delta text"))
+        assert set(result.pending) == {"lexical"}
+
+    async def restart(s: Stores) -> None:
+        assert s.journal.count() == 1
+        assert await s.writer.repair_once(force=True) == 0
+        lexical, dense = await s.ids()
+        assert lexical == dense == {"delta#0"}
+
+    run(tmp_path, crash_mid_write)
+    run(tmp_path, restart)
+
+
+def test_a_refused_document_ends_in_neither_store_and_blocks_nothing(tmp_path: Path) -> None:
+    async def scenario(s: Stores) -> None:
+        await s.writer.write(COLLECTION, doc("epsilon", "epsilon v1"))
+        s.lexical.refuse = {"epsilon"}
+        both = doc("epsilon", "epsilon v2", "epsilon v2b")
+        theta = doc("theta", "theta")
+        both.chunks += theta.chunks
+        both.vectors += theta.vectors
+        result = await s.writer.write(COLLECTION, both)
+        assert "injected refusal" in result.rejected and "'year'" in result.rejected
+        assert s.journal.count() == 0  # refused, not retried forever
+        lexical, dense = await s.ids()
+        # The refused document is gone from both; the rest of the write landed in both.
+        assert lexical == dense == {"theta#0"}
+        s.lexical.refuse = set()
+        assert (await s.writer.write(COLLECTION, doc("zeta", "zeta"))).pending == {}
+        lexical, dense = await s.ids()
+        assert lexical == dense == {"theta#0", "zeta#0"}
+
+    run(tmp_path, scenario)
+
+
+def test_both_stores_down_journals_the_write_for_both(tmp_path: Path) -> None:
+    async def scenario(s: Stores) -> None:
+        s.lexical.down = s.dense.down = True
+        result = await s.writer.write(COLLECTION, doc("eta", "eta"))
+        assert set(result.pending) == {"lexical", "dense"}
+        s.lexical.down = s.dense.down = False
+        assert await s.writer.repair_once(force=True) == 0
+        lexical, dense = await s.ids()
+        assert lexical == dense == {"eta#0"}
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.slow
+def test_verify_reports_chunks_missing_from_one_store(tmp_path: Path) -> None:
+    """Through the service's own runtime and `verify`: damage made behind the service's
+    back (a chunk deleted from Milvus directly) is found, and an ingest repairs it."""
+    from ragline_common.wire import DocumentIn
+    from ragline_retriever.ingest import ingest
+    from ragline_retriever.runtime import Runtime
+    from ragline_retriever.settings import RetrieverSettings
+    from ragline_retriever.verify import verify
+
+    async def main() -> None:
+        rt = Runtime(RetrieverSettings(data_dir=tmp_path / "data"))
+        await rt.open()
+        try:
+            docs = [
+                DocumentIn(id="one", text="The first document is about rivers."),
+                DocumentIn(id="two", text="The second document is about mountains."),
+            ]
+            await ingest(rt, COLLECTION, docs)
+            report = await verify(rt, COLLECTION)
+            assert report.consistent and report.lexical_chunks == report.dense_chunks == 2
+            assert rt.dense is not None
+            await rt.dense.delete_document(COLLECTION, "two")
+            report = await verify(rt, COLLECTION)
+            assert not report.consistent
+            assert report.only_in_lexical == ["two#0"] and report.only_in_dense == []
+            assert report.only_in_lexical_count == 1 and report.pending_writes == 0
+            await ingest(rt, COLLECTION, docs[1:])
+            assert (await verify(rt, COLLECTION)).consistent
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
