@@ -110,6 +110,7 @@ async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
     fused = reciprocal_rank_fusion(
         {role: [s.chunk.chunk_id for s in outcomes[role].hits] for role in ok},
         k=settings.rrf_k,
+        weights={"lexical": settings.rrf_weight_lexical, "dense": settings.rrf_weight_dense},
     )[: request.top_k]
     hits = []
     for item in fused:
