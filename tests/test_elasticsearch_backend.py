@@ -28,6 +28,7 @@ from ragline_retriever.backends.base import (
     Chunk,
     CollectionNotFound,
     MetadataConflict,
+    WriteRefused,
 )
 from ragline_retriever.backends.elasticsearch_index import ElasticsearchIndex
 
@@ -307,11 +308,28 @@ def test_a_mapping_conflict_becomes_metadata_conflict(es: StandIn) -> None:
         message = str(conflict)
         assert "metadata key 'year' of collection 'c'" in message
         assert "document 'pear'" in message and reason in message and "MMXX" in message
+        assert conflict.doc_ids == ["pear"]  # the journal removes only this one
 
     run(es.url, scenario)
     # The accepted document still loses its stale chunks; the rejected one keeps its old ones.
     stale = es.only("POST", "/t-c/_delete_by_query").json()
     assert stale["query"]["bool"]["filter"] == [{"terms": {"doc_id": ["apple"]}}]
+
+
+def test_another_400_is_a_refusal_of_that_document(es: StandIn) -> None:
+    """A 400 other than a mapping conflict is still the data's fault: final, not retried."""
+    index_exists(es, "c")
+    bad = {"type": "max_bytes_length_exceeded_exception", "reason": "a huge term"}
+    es.answer("PUT", "/_bulk", bulk_answer({"pear#0": bad}))
+    es.on("POST", "/t-c/_delete_by_query", body={"deleted": 0, "failures": []})
+
+    async def scenario(index: ElasticsearchIndex) -> None:
+        with pytest.raises(WriteRefused, match="huge term") as raised:
+            await index.upsert("c", [chunk("apple", {}), chunk("pear", {})])
+        assert not isinstance(raised.value, MetadataConflict)
+        assert raised.value.doc_ids == ["pear"]
+
+    run(es.url, scenario)
 
 
 def test_other_bulk_rejections_are_backend_unavailable(es: StandIn) -> None:

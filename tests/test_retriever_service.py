@@ -153,6 +153,9 @@ def test_delete_removes_a_document(client: httpx.Client, ingested: dict) -> None
     assert again.status_code == 200 and again.json()["deleted"] is False
     assert chunk_counts(client) == {"kb": 4}
     assert_error(client.delete("/v1/collections/nope/documents/x"), 404, "collection_not_found")
+    # A dot segment would name another document (or route) once a URL is normalised.
+    dotted = client.delete("/v1/collections/kb/documents/tmp/%2E%2E/bread")
+    assert_error(dotted, 422, "invalid_request")
 
 
 def test_bad_requests_get_the_envelope_and_the_service_keeps_serving(

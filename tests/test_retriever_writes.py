@@ -20,28 +20,30 @@ from ragline_retriever.backends.base import BackendUnavailable, Chunk, MetadataC
 from ragline_retriever.backends.milvus_index import MilvusIndex
 from ragline_retriever.backends.tantivy_index import TantivyIndex
 from ragline_retriever.journal import Journal, WriteOp
-from ragline_retriever.writes import StoreWriter
+from ragline_retriever.writes import JournalFull, StoreWriter
 
 DIM = 4
 COLLECTION = "kb"
+OUTAGE = BackendUnavailable("injected outage")
 
 
 class Switched:
-    """A real index behind a switch: `down` makes writes fail as an outage would; the
-    documents in `refuse` are refused for good as Elasticsearch refuses a mapping conflict
-    (the rest of the batch is written, then the refused documents are named)."""
+    """A real index behind a switch: `down` makes writes fail with that exception, as an
+    outage would; chunks whose text contains `refuse` are refused for good, as
+    Elasticsearch refuses a mapping conflict (the rest of the batch is written, then the
+    refused documents are named)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.down = False
-        self.refuse: set[str] = set()
+        self.down: Exception | None = None
+        self.refuse = ""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def _check(self) -> None:
-        if self.down:
-            raise BackendUnavailable("injected outage")
+        if self.down is not None:
+            raise self.down
 
     async def ensure_collection(self, collection: str) -> None:
         self._check()
@@ -49,10 +51,10 @@ class Switched:
 
     async def upsert(self, collection: str, chunks: list[Chunk], *vectors: Any) -> None:
         self._check()
-        keep = [i for i, c in enumerate(chunks) if c.doc_id not in self.refuse]
+        refused = sorted({c.doc_id for c in chunks if self.refuse and self.refuse in c.text})
+        keep = [i for i, c in enumerate(chunks) if c.doc_id not in refused]
         rest = [[v[i] for i in keep] for v in vectors]
         await self.inner.upsert(collection, [chunks[i] for i in keep], *rest)
-        refused = sorted({c.doc_id for c in chunks} & self.refuse)
         if refused:
             raise MetadataConflict(collection, "year", "injected refusal", refused)
 
@@ -124,14 +126,14 @@ async def wait_until_drained(writer: StoreWriter, timeout: float = 30) -> None:
 def test_a_write_that_fails_in_one_store_is_replayed_by_the_repair_loop(tmp_path: Path) -> None:
     async def scenario(s: Stores) -> None:
         await s.writer.write(COLLECTION, doc("seed", "seed text"))
-        s.dense.down = True
+        s.dense.down = OUTAGE
         result = await s.writer.write(COLLECTION, doc("alpha", "alpha one", "alpha two"))
         assert set(result.pending) == {"dense"} and "injected outage" in result.pending["dense"]
         lexical, dense = await s.ids()
         assert lexical == {"seed#0", "alpha#0", "alpha#1"} and dense == {"seed#0"}
         assert s.journal.count(COLLECTION) == 1
 
-        s.dense.down = False
+        s.dense.down = None
         repairs = asyncio.create_task(s.writer.repair_forever(interval_s=0.05))
         try:
             await wait_until_drained(s.writer)
@@ -150,12 +152,12 @@ def test_replays_keep_the_order_of_writes(tmp_path: Path) -> None:
 
     async def scenario(s: Stores) -> None:
         await s.writer.write(COLLECTION, doc("gone", "to be deleted"))
-        s.dense.down = True
+        s.dense.down = OUTAGE
         await s.writer.write(COLLECTION, doc("beta", "beta old one", "beta old two", "beta old 3"))
         await s.writer.write(COLLECTION, doc("beta", "beta new"))
         pending = await s.writer.write(COLLECTION, WriteOp(delete_doc_ids=["gone"]))
         assert "waiting behind" in pending.pending["dense"]  # not applied out of order
-        s.dense.down = False
+        s.dense.down = None
         # A new write while older ones are journaled: dense applies them first, in order.
         result = await s.writer.write(COLLECTION, doc("gamma", "gamma"))
         assert result.pending == {}
@@ -170,7 +172,7 @@ def test_replays_keep_the_order_of_writes(tmp_path: Path) -> None:
 
 def test_the_journal_survives_a_restart(tmp_path: Path) -> None:
     async def crash_mid_write(s: Stores) -> None:
-        s.lexical.down = True
+        s.lexical.down = OUTAGE
         result = await s.writer.write(COLLECTION, doc("delta", "delta text"))
         assert set(result.pending) == {"lexical"}
 
@@ -187,18 +189,18 @@ def test_the_journal_survives_a_restart(tmp_path: Path) -> None:
 def test_a_refused_document_ends_in_neither_store_and_blocks_nothing(tmp_path: Path) -> None:
     async def scenario(s: Stores) -> None:
         await s.writer.write(COLLECTION, doc("epsilon", "epsilon v1"))
-        s.lexical.refuse = {"epsilon"}
-        both = doc("epsilon", "epsilon v2", "epsilon v2b")
+        s.lexical.refuse = "BAD"
+        both = doc("epsilon", "epsilon BAD v2", "epsilon v2b")
         theta = doc("theta", "theta")
         both.chunks += theta.chunks
         both.vectors += theta.vectors
         result = await s.writer.write(COLLECTION, both)
         assert "injected refusal" in result.rejected and "'year'" in result.rejected
         assert s.journal.count() == 0  # refused, not retried forever
+        assert await s.writer.outcome(result.seq) == (False, result.rejected)
         lexical, dense = await s.ids()
         # The refused document is gone from both; the rest of the write landed in both.
         assert lexical == dense == {"theta#0"}
-        s.lexical.refuse = set()
         assert (await s.writer.write(COLLECTION, doc("zeta", "zeta"))).pending == {}
         lexical, dense = await s.ids()
         assert lexical == dense == {"theta#0", "zeta#0"}
@@ -206,12 +208,69 @@ def test_a_refused_document_ends_in_neither_store_and_blocks_nothing(tmp_path: P
     run(tmp_path, scenario)
 
 
+def test_a_fix_sent_during_an_outage_survives_the_refusal_of_the_bad_version(
+    tmp_path: Path,
+) -> None:
+    """While lexical is down, a bad version and then its fix are journaled; when lexical
+    comes back it refuses the bad one, and the undo must not delete the fix."""
+
+    async def scenario(s: Stores) -> None:
+        s.lexical.down = OUTAGE
+        s.lexical.refuse = "BAD"
+        bad = await s.writer.write(COLLECTION, doc("iota", "iota BAD version"))
+        fixed = await s.writer.write(COLLECTION, doc("iota", "iota fixed version"))
+        assert set(bad.pending) == set(fixed.pending) == {"lexical"}
+        s.lexical.down = None
+        assert await s.writer.repair_once(force=True) == 0
+        assert (await s.writer.outcome(bad.seq))[1]  # the bad version was refused
+        assert await s.writer.outcome(fixed.seq) == (False, None)
+        lexical, dense = await s.ids()
+        assert lexical == dense == {"iota#0"}
+        assert await s.dense_texts("iota") == ["iota fixed version"]
+        assert await s.lexical_texts("iota", "iota") == ["iota fixed version"]
+
+    run(tmp_path, scenario)
+
+
+def test_only_a_refusal_is_final_any_other_error_is_retried(tmp_path: Path) -> None:
+    """tantivy reports a full disk or a held lock as ValueError: that is an outage to wait
+    out, not a verdict on the documents."""
+
+    async def scenario(s: Stores) -> None:
+        s.lexical.down = ValueError("Failed to acquire Lockfile: LockBusy")
+        result = await s.writer.write(COLLECTION, doc("kappa", "kappa"))
+        assert result.rejected == "" and "LockBusy" in result.pending["lexical"]
+        s.lexical.down = None
+        assert await s.writer.repair_once(force=True) == 0
+        lexical, dense = await s.ids()
+        assert lexical == dense == {"kappa#0"}
+
+    run(tmp_path, scenario)
+
+
+def test_the_journal_is_bounded_while_a_store_is_down(tmp_path: Path) -> None:
+    async def scenario(s: Stores) -> None:
+        s.writer.max_pending = 2
+        s.dense.down = OUTAGE
+        for name in ("lambda", "mu"):
+            assert (await s.writer.write(COLLECTION, doc(name, name))).pending
+        with pytest.raises(JournalFull):
+            await s.writer.write(COLLECTION, doc("nu", "nu"))
+        assert s.journal.count() == 2  # the refused write was not journaled
+        s.dense.down = None
+        assert await s.writer.repair_once(force=True) == 0
+        lexical, dense = await s.ids()
+        assert lexical == dense == {"lambda#0", "mu#0"}
+
+    run(tmp_path, scenario)
+
+
 def test_both_stores_down_journals_the_write_for_both(tmp_path: Path) -> None:
     async def scenario(s: Stores) -> None:
-        s.lexical.down = s.dense.down = True
+        s.lexical.down = s.dense.down = OUTAGE
         result = await s.writer.write(COLLECTION, doc("eta", "eta"))
         assert set(result.pending) == {"lexical", "dense"}
-        s.lexical.down = s.dense.down = False
+        s.lexical.down = s.dense.down = None
         assert await s.writer.repair_once(force=True) == 0
         lexical, dense = await s.ids()
         assert lexical == dense == {"eta#0"}

@@ -20,7 +20,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._:/@-]+")
 
 def doc_id_for(path: Path, root: Path) -> str:
     rel = path.relative_to(root) if path != root else Path(path.name)
-    return _UNSAFE.sub("-", rel.as_posix()).lstrip("-._/")[:256] or "document"
+    return _UNSAFE.sub("-", rel.as_posix()).lstrip("-._/:@")[:256] or "document"
 
 
 def split_title(path: Path, text: str) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from ragline_cli.documents import iter_documents, iter_uploads
 from ragline_cli.stack import REPO_ROOT, Stack, StackConfig
 
 JOB_BATCH = 1000
+JOB_BYTES = 16 * 1024 * 1024
 
 
 def default_url() -> str:
@@ -48,7 +49,13 @@ def wait_for_jobs(client: httpx.Client, jobs: list[dict[str, Any]]) -> list[dict
         done = 0
         for job in jobs:
             if job["job_id"] not in ended:
-                job = client.get(f"/api/jobs/{job['job_id']}").raise_for_status().json()
+                try:
+                    response = client.get(f"/api/jobs/{job['job_id']}")
+                except httpx.TransportError:
+                    continue  # a restart or a blip: the job is durable, poll again
+                if response.status_code >= 500:
+                    continue
+                job = response.raise_for_status().json()
                 if job["status"] in ("succeeded", "failed", "cancelled"):
                     ended[job["job_id"]] = job
             done += ended.get(job["job_id"], job)["documents_done"]
@@ -63,6 +70,21 @@ def wait_for_jobs(client: httpx.Client, jobs: list[dict[str, Any]]) -> list[dict
     return [ended[j["job_id"]] for j in jobs]
 
 
+def _batches(docs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Up to JOB_BATCH documents and JOB_BYTES of JSON per job request, under the
+    retriever's body limit."""
+    batches: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for doc in docs:
+        doc_size = len(orjson.dumps(doc))
+        if batches[-1] and (len(batches[-1]) >= JOB_BATCH or size + doc_size > JOB_BYTES):
+            batches.append([])
+            size = 0
+        batches[-1].append(doc)
+        size += doc_size
+    return [b for b in batches if b]
+
+
 def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
     """Text files go as JSON documents in jobs of up to JOB_BATCH; HTML and PDF files are
     uploaded for the retriever to parse. Waits for every job; exits on a failed one."""
@@ -73,13 +95,8 @@ def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
     root = path if path.is_dir() else path.parent
     with httpx.Client(base_url=url, timeout=600) as client:
         jobs = [
-            _submitted(
-                client.post(
-                    f"/api/collections/{collection}/jobs",
-                    json={"documents": docs[i : i + JOB_BATCH]},
-                )
-            )
-            for i in range(0, len(docs), JOB_BATCH)
+            _submitted(client.post(f"/api/collections/{collection}/jobs", json={"documents": b}))
+            for b in _batches(docs)
         ]
         for file, doc_id, content_type in uploads:
             params = {

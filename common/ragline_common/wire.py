@@ -31,11 +31,23 @@ from pydantic import (
 COLLECTION_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,255}$"
 
+
+def check_doc_id(value: str) -> str:
+    """Ids may look like paths, but not hold `.` or `..` segments: URL normalisation (in
+    nginx, httpx) would turn `a/../b` into another document, or another route."""
+    if any(part in {".", ".."} for part in value.split("/")):
+        raise ValueError("a document id must not contain '.' or '..' path segments")
+    return value
+
+
+DocId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
+
 CollectionName = Annotated[str, StringConstraints(pattern=COLLECTION_PATTERN)]
 MetadataValue = str | int | float | bool
 
 MAX_QUERY_CHARS = 4000
 MAX_DOCUMENT_CHARS = 2_000_000
+MAX_TITLE_CHARS = 1000
 MAX_DOCUMENTS_PER_BATCH = 256
 MAX_RETRIEVE_TOP_K = 200
 MAX_RERANK_DOCUMENTS = 256
@@ -240,9 +252,9 @@ Filters = Annotated[
 
 
 class DocumentIn(StrictModel):
-    id: Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN)]
+    id: DocId
     text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DOCUMENT_CHARS)]
-    title: Annotated[str, StringConstraints(max_length=1000)] = ""
+    title: Annotated[str, StringConstraints(max_length=MAX_TITLE_CHARS)] = ""
     url: Annotated[str, StringConstraints(max_length=2000)] = ""
     source: Annotated[str, StringConstraints(max_length=1000)] = ""
     metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=64)

@@ -13,15 +13,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
+from pydantic import AfterValidator
 
 from ragline_common.errors import ApiError
-from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN
+from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN, check_doc_id
 from ragline_gateway.clients.base import UpstreamError
 
 router = APIRouter(prefix="/api")
 
 Collection = Annotated[str, Path(pattern=COLLECTION_PATTERN)]
-DocId = Annotated[str, Path(pattern=DOC_ID_PATTERN)]
+DocId = Annotated[str, Path(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 
 # Ingest and verify read or write whole collections: give them time.

@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
+from pydantic import AfterValidator
 
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
@@ -19,6 +20,7 @@ from ragline_common.wire import (
     IngestResponse,
     RetrieveRequest,
     RetrieveResponse,
+    check_doc_id,
 )
 from ragline_retriever import ingest as ingesting
 from ragline_retriever import uploads
@@ -30,7 +32,7 @@ from ragline_retriever.verify import verify
 router = APIRouter()
 
 CollectionPath = Annotated[str, Path(pattern=COLLECTION_PATTERN)]
-DocIdPath = Annotated[str, Path(pattern=DOC_ID_PATTERN)]
+DocIdPath = Annotated[str, Path(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
 JobIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 
 

@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass
 
 from ragline_common.errors import ApiError
-from ragline_common.wire import DocumentIn, IngestResponse
+from ragline_common.wire import MAX_TITLE_CHARS, DocumentIn, IngestResponse
 from ragline_retriever.backends.base import Chunk
 from ragline_retriever.chunking import chunk_id, split_text
 from ragline_retriever.journal import WriteOp
 from ragline_retriever.metrics import INGESTED_CHUNKS
 from ragline_retriever.parsing import UnsupportedDocument, parse_document
 from ragline_retriever.runtime import Runtime
-from ragline_retriever.writes import WriteResult
+from ragline_retriever.writes import JournalFull, WriteResult
 
 log = logging.getLogger("ragline.retriever.ingest")
 
@@ -38,7 +38,8 @@ def readable(doc: DocumentIn) -> tuple[str, str]:
         parsed = parse_document(doc.text, doc.format)
     except UnsupportedDocument as exc:
         raise ApiError(422, "unsupported_document", f"document {doc.id!r}: {exc}") from exc
-    return parsed.text, doc.title or parsed.title
+    # A heading can be any length; the title field has the same bound as DocumentIn's.
+    return parsed.text, doc.title or parsed.title[:MAX_TITLE_CHARS]
 
 
 def chunk_documents(
@@ -102,8 +103,8 @@ async def write_documents(rt: Runtime, collection: str, documents: list[Document
     timings["embed_ms"] = _ms(embed_start)
 
     write_start = time.perf_counter()
-    result = await rt.writer.write(
-        collection, WriteOp(chunks=chunks, vectors=vectors, delete_doc_ids=empty)
+    result = await _write(
+        rt, collection, WriteOp(chunks=chunks, vectors=vectors, delete_doc_ids=empty)
     )
     timings["write_ms"] = _ms(write_start)
     timings["total_ms"] = _ms(start)
@@ -135,6 +136,15 @@ async def write_documents(rt: Runtime, collection: str, documents: list[Document
     return Ingested(response, result)
 
 
+async def _write(rt: Runtime, collection: str, op: WriteOp) -> WriteResult:
+    try:
+        return await rt.writer.write(collection, op)
+    except JournalFull as exc:
+        raise ApiError(
+            503, "index_unavailable", f"{exc}; try again later", {"Retry-After": "30"}
+        ) from exc
+
+
 def _pending_error(result: WriteResult) -> ApiError:
     stores = " and ".join(sorted(result.pending))
     return ApiError(
@@ -159,9 +169,10 @@ async def delete_document(rt: Runtime, collection: str, doc_id: str) -> bool:
         *(index.has_collection(collection) for index in rt.writer.stores.values() if index),
         return_exceptions=True,
     )
-    if known and all(k is False for k in known):
+    journaled = await asyncio.to_thread(rt.writer.journal.count, collection)
+    if known and all(k is False for k in known) and not journaled:
         raise ApiError(404, "collection_not_found", f"collection {collection!r} does not exist")
-    result = await rt.writer.write(collection, WriteOp(delete_doc_ids=[doc_id]))
+    result = await _write(rt, collection, WriteOp(delete_doc_ids=[doc_id]))
     if result.pending:
         raise _pending_error(result)
     return max(result.removed.values(), default=0) > 0

@@ -186,9 +186,9 @@ class JobRunner:
 
     async def run_forever(self) -> None:
         while True:
+            self._wake.clear()  # before looking, so a submit in between is not missed
             job = await asyncio.to_thread(self.store.next_queued)
             if job is None:
-                self._wake.clear()
                 await self._wake.wait()
                 continue
             try:
@@ -241,9 +241,12 @@ class JobRunner:
                     if not written.write.pending:
                         return written.response.chunks
                 else:
+                    # Ours is journaled: wait for it (not for the whole collection).
                     await self.rt.writer.drain(job.collection)
-                    journal = self.rt.writer.journal
-                    if await asyncio.to_thread(journal.count, job.collection) == 0:
+                    pending, refused = await self.rt.writer.outcome(written.write.seq)
+                    if refused:
+                        raise ApiError(422, "document_rejected", refused)
+                    if not pending:
                         return written.response.chunks
                 message = "an index is unavailable"
             except ApiError as exc:
@@ -252,6 +255,8 @@ class JobRunner:
                 message = exc.message
             if time.monotonic() + pause > deadline:
                 raise ApiError(503, "index_unavailable", f"gave up after retrying: {message}")
+            if await asyncio.to_thread(self.store.status, job.job_id) != "running":
+                raise ApiError(409, "cancelled", "the job was cancelled")
             log.warning(
                 "ingest job waiting for an index",
                 extra={"job_id": job.job_id, "error": message, "pause_s": pause},

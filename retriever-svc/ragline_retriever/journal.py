@@ -17,6 +17,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,10 +33,11 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS writes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     collection TEXT NOT NULL,
+    written_doc_ids BLOB NOT NULL, -- JSON list: documents whose chunks this write replaces
+    delete_doc_ids BLOB NOT NULL,  -- JSON list: documents this write removes entirely
     chunks BLOB NOT NULL,          -- JSON list of chunk payloads
     vectors BLOB NOT NULL,         -- float32, row-major, one row per chunk
     dim INTEGER NOT NULL,
-    delete_doc_ids BLOB NOT NULL,  -- JSON list of document ids to remove entirely
     lexical_done INTEGER NOT NULL DEFAULT 0,
     dense_done INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -42,7 +45,15 @@ CREATE TABLE IF NOT EXISTS writes (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS writes_by_collection ON writes (collection, seq);
+-- Why a store refused a write for good, kept for a while after the write left the journal
+-- so that whoever waits on it (an ingest job) learns the outcome.
+CREATE TABLE IF NOT EXISTS refusals (
+    seq INTEGER PRIMARY KEY,
+    reason TEXT NOT NULL,
+    created REAL NOT NULL
+);
 """
+_KEEP_REFUSALS_S = 7 * 86400
 
 
 @dataclass
@@ -54,18 +65,25 @@ class WriteOp:
     delete_doc_ids: list[str] = field(default_factory=list)
 
     @property
+    def written_doc_ids(self) -> list[str]:
+        return list(dict.fromkeys(c.doc_id for c in self.chunks))
+
+    @property
     def doc_ids(self) -> list[str]:
-        return list(dict.fromkeys([c.doc_id for c in self.chunks] + self.delete_doc_ids))
+        return list(dict.fromkeys(self.written_doc_ids + self.delete_doc_ids))
 
 
 @dataclass
 class Entry:
+    """A journaled write without its chunks and vectors (`Journal.op` loads those), so a
+    long journal behind a store that is down costs little to scan."""
+
     seq: int
     collection: str
-    op: WriteOp
+    written_doc_ids: list[str]
+    delete_doc_ids: list[str]
     done: dict[str, bool]
     attempts: int
-    last_error: str
 
 
 class Journal:
@@ -75,55 +93,95 @@ class Journal:
         # One connection guarded by a lock: writes are small and rare next to embedding.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: an acknowledged "journaled, will be applied" must survive a power cut.
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        with self._lock:  # a crash between two statements of an older version
+            self._db.execute("DELETE FROM writes WHERE lexical_done AND dense_done")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def append(self, collection: str, op: WriteOp) -> int:
-        dim = len(op.vectors[0]) if op.vectors else 0
-        vectors = np.asarray(op.vectors, dtype=np.float32).reshape(len(op.vectors), dim)
-        with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO writes (collection, chunks, vectors, dim, delete_doc_ids, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    collection,
-                    orjson.dumps([c.payload() for c in op.chunks]),
-                    vectors.tobytes(),
-                    dim,
-                    orjson.dumps(op.delete_doc_ids),
-                    time.time(),
-                ),
-            )
-            return int(cursor.lastrowid or 0)
+        with self._transaction() as db:
+            return _insert(db, collection, op)
 
     def pending(self, collection: str) -> list[Entry]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, chunks, vectors, dim, delete_doc_ids, lexical_done, dense_done,"
-                " attempts, last_error FROM writes WHERE collection = ? ORDER BY seq",
+                "SELECT seq, written_doc_ids, delete_doc_ids, lexical_done, dense_done, attempts"
+                " FROM writes WHERE collection = ? ORDER BY seq",
                 (collection,),
             ).fetchall()
-        entries = []
-        for seq, chunks, vectors, dim, deletes, lexical, dense, attempts, error in rows:
-            payloads = orjson.loads(chunks)
-            matrix = np.frombuffer(vectors, dtype=np.float32).reshape(len(payloads), dim)
-            op = WriteOp(
-                chunks=[Chunk.from_payload(p) for p in payloads],
-                vectors=matrix.tolist(),
+        return [
+            Entry(
+                seq=seq,
+                collection=collection,
+                written_doc_ids=list(orjson.loads(written)),
                 delete_doc_ids=list(orjson.loads(deletes)),
+                done={"lexical": bool(lexical), "dense": bool(dense)},
+                attempts=attempts,
             )
-            done = {"lexical": bool(lexical), "dense": bool(dense)}
-            entries.append(Entry(seq, collection, op, done, attempts, error))
-        return entries
+            for seq, written, deletes, lexical, dense, attempts in rows
+        ]
+
+    def op(self, seq: int) -> WriteOp:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT chunks, vectors, dim, delete_doc_ids FROM writes WHERE seq = ?", (seq,)
+            ).fetchone()
+        if row is None:
+            raise KeyError(seq)
+        chunks, vectors, dim, deletes = row
+        payloads = orjson.loads(chunks)
+        matrix = np.frombuffer(vectors, dtype=np.float32).reshape(len(payloads), dim)
+        return WriteOp(
+            chunks=[Chunk.from_payload(p) for p in payloads],
+            vectors=matrix.tolist(),
+            delete_doc_ids=list(orjson.loads(deletes)),
+        )
 
     def mark_done(self, seq: int, store: str) -> None:
-        column = _column(store)
-        with self._lock:
-            self._db.execute(f"UPDATE writes SET {column} = 1 WHERE seq = ?", (seq,))
-            self._db.execute(
-                "DELETE FROM writes WHERE seq = ? AND lexical_done AND dense_done", (seq,)
+        with self._transaction() as db:
+            _done(db, seq, store)
+
+    def refuse(self, seq: int, store: str, reason: str, undo: WriteOp | None) -> None:
+        """Records in one transaction that `store` refused write `seq` for good, and
+        journals the delete that makes both stores agree again; a crash in between
+        could otherwise lose the undo while the write is already off the books."""
+        now = time.time()
+        with self._transaction() as db:
+            _done(db, seq, store)
+            db.execute(
+                "INSERT OR REPLACE INTO refusals (seq, reason, created) VALUES (?, ?, ?)",
+                (seq, reason[:2000], now),
             )
+            db.execute("DELETE FROM refusals WHERE created < ?", (now - _KEEP_REFUSALS_S,))
+            if undo is not None and undo.delete_doc_ids:
+                collection = db.execute(
+                    "SELECT collection FROM writes WHERE seq = ?", (seq,)
+                ).fetchone()
+                if collection is not None:
+                    _insert(db, collection[0], undo)
+
+    def refusal(self, seq: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT reason FROM refusals WHERE seq = ?", (seq,)).fetchone()
+        return row[0] if row else None
+
+    def contains(self, seq: int) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM writes WHERE seq = ?", (seq,)).fetchone()
+        return row is not None
 
     def mark_failed(self, seq: int, error: str) -> None:
         with self._lock:
@@ -156,7 +214,27 @@ class Journal:
             self._db.close()
 
 
-def _column(store: str) -> str:
+def _insert(db: sqlite3.Connection, collection: str, op: WriteOp) -> int:
+    dim = len(op.vectors[0]) if op.vectors else 0
+    vectors = np.asarray(op.vectors, dtype=np.float32).reshape(len(op.vectors), dim)
+    cursor = db.execute(
+        "INSERT INTO writes (collection, written_doc_ids, delete_doc_ids, chunks, vectors, dim,"
+        " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            collection,
+            orjson.dumps(op.written_doc_ids),
+            orjson.dumps(op.delete_doc_ids),
+            orjson.dumps([c.payload() for c in op.chunks]),
+            vectors.tobytes(),
+            dim,
+            time.time(),
+        ),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def _done(db: sqlite3.Connection, seq: int, store: str) -> None:
     if store not in STORES:
         raise ValueError(f"unknown store {store!r}")
-    return f"{store}_done"
+    db.execute(f"UPDATE writes SET {store}_done = 1 WHERE seq = ?", (seq,))
+    db.execute("DELETE FROM writes WHERE seq = ? AND lexical_done AND dense_done", (seq,))

@@ -36,7 +36,10 @@ class Runtime:
         self.dense: DenseIndex | None = None
         self.journal = Journal(settings.data_dir / "journal.sqlite3")
         self.writer = StoreWriter(
-            self.journal, {"lexical": self.lexical, "dense": None}, settings.write_timeout_s
+            self.journal,
+            {"lexical": self.lexical, "dense": None},
+            settings.write_timeout_s,
+            max_pending=settings.max_pending_writes,
         )
         self.jobs = JobRunner(JobStore(settings.data_dir / "jobs.sqlite3"), self)
         self.ready = False

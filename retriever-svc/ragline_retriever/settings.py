@@ -72,6 +72,9 @@ class RetrieverSettings(ServiceSettings):
     # Pause between passes that replay journaled writes a store still owes (it grows, up
     # to a minute, while a store stays down).
     repair_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    # Journaled writes a collection may hold while an index is down; past it, new writes
+    # are a 503 instead of more chunks and vectors piling up on disk.
+    max_pending_writes: int = Field(default=1000, ge=1, le=1_000_000)
     # Documents per batch of an ingest job, and how long a batch may keep failing on an
     # unavailable store before the job fails.
     job_batch_documents: int = Field(default=32, ge=1, le=256)

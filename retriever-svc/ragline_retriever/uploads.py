@@ -13,7 +13,7 @@ import orjson
 from pydantic import ValidationError
 
 from ragline_common.errors import ApiError
-from ragline_common.wire import MAX_DOCUMENT_CHARS, DocumentIn
+from ragline_common.wire import MAX_DOCUMENT_CHARS, MAX_TITLE_CHARS, DocumentIn
 from ragline_retriever.parsing import UnsupportedDocument, detect_format, parse_document
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:/@-]+")
@@ -59,7 +59,7 @@ async def document_from_upload(
         return DocumentIn(
             id=doc_id or doc_id_from_filename(filename),
             text=parsed.text,
-            title=title if title is not None else parsed.title,
+            title=title if title is not None else parsed.title[:MAX_TITLE_CHARS],
             url=url,
             source=source if source is not None else filename,
             metadata=meta,

@@ -7,11 +7,12 @@ old version over a newer one); the other store goes on. The repair loop re-runs 
 chains of every collection that still has journaled writes, with a growing pause while a
 store stays down, until both stores have applied everything.
 
-A store that refuses a write for good (a `ValueError`, such as an Elasticsearch mapping
-conflict) would block its chain forever if retried. Such a write is marked done for that
-store and followed by a journaled delete of the refused documents (all of the write's
-when the store does not say which), so the two stores agree again (those documents are
-absent from both) and the caller is told to fix and resend them.
+A store that refuses a write for good (`WriteRefused`, such as an Elasticsearch mapping
+conflict; every other error counts as an outage) would block its chain forever if
+retried. Such a write is marked done for that store and, in the same transaction, a
+delete of the refused documents is journaled, so the two stores agree again (those
+documents are absent from both) and the caller is told to fix and resend them. A later
+journaled write of the same document is left alone: it is the fix.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragline_retriever.backends.base import CollectionNotFound
+from ragline_retriever.backends.base import CollectionNotFound, WriteRefused
 from ragline_retriever.journal import STORES, Entry, Journal, WriteOp
 from ragline_retriever.metrics import PENDING_WRITES, WRITE_FAILURES, WRITES_REPLAYED
 
@@ -48,8 +49,6 @@ class _Drain:
     pending: dict[tuple[int, str], str] = field(default_factory=dict)
     removed: dict[tuple[int, str], int] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
-    # The documents a store refused, per write (empty: the whole write).
-    refused_docs: dict[int, list[str]] = field(default_factory=dict)
 
     def result(self, seq: int) -> WriteResult:
         return WriteResult(
@@ -66,13 +65,26 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
 
 
+class JournalFull(RuntimeError):
+    """Too many writes of a collection are waiting for a store that is down."""
+
+
 class StoreWriter:
-    def __init__(self, journal: Journal, stores: dict[str, Any], timeout_s: float) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        stores: dict[str, Any],
+        timeout_s: float,
+        max_pending: int = 1000,
+    ) -> None:
         if set(stores) != set(STORES):
             raise ValueError(f"need exactly the stores {STORES}")
         self.journal = journal
         self.stores = stores
         self.timeout_s = timeout_s
+        # Past this many journaled writes in a collection, new ones are refused (503)
+        # instead of piling chunks and vectors up on disk during a long outage.
+        self.max_pending = max_pending
         # Writes of one collection are serialized: a chain must see every earlier write.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._retry_at: dict[str, float] = {}
@@ -83,9 +95,19 @@ class StoreWriter:
 
     async def write(self, collection: str, op: WriteOp) -> WriteResult:
         async with self.lock(collection):
+            waiting = await asyncio.to_thread(self.journal.count, collection)
+            if waiting >= self.max_pending:
+                raise JournalFull(
+                    f"{waiting} writes of collection {collection!r} are waiting for an index"
+                )
             seq = await asyncio.to_thread(self.journal.append, collection, op)
             drained = await self._drain(collection)
         return drained.result(seq)
+
+    async def outcome(self, seq: int) -> tuple[bool, str | None]:
+        """(still journaled, why it was refused if it was) for one earlier write."""
+        pending = await asyncio.to_thread(self.journal.contains, seq)
+        return pending, await asyncio.to_thread(self.journal.refusal, seq)
 
     async def drain(self, collection: str) -> None:
         async with self.lock(collection):
@@ -93,20 +115,19 @@ class StoreWriter:
 
     async def _drain(self, collection: str) -> _Drain:
         report = _Drain()
-        for _ in range(2):  # a second pass applies the deletes that follow a refused write
+        ops: dict[int, WriteOp] = {}  # loaded once per drain, shared by the two chains
+        stores = list(STORES)
+        while stores:
             entries = await asyncio.to_thread(self.journal.pending, collection)
-            if not entries:
-                break
+            refusals = len(report.rejected)
             await asyncio.gather(
-                *(self._chain(store, collection, entries, report) for store in STORES)
+                *(self._chain(store, collection, entries, report, ops) for store in stores)
             )
-            # A refused delete needs no undo (and must not loop on one).
-            refused = [e for e in entries if e.seq in report.refused_docs and e.op.chunks]
-            for entry in refused:
-                undo = WriteOp(delete_doc_ids=report.refused_docs[entry.seq] or entry.op.doc_ids)
-                await asyncio.to_thread(self.journal.append, collection, undo)
-            if not refused:
+            if len(report.rejected) == refusals:
                 break
+            # A refusal journaled an undo: apply it now on the stores that are up.
+            failed = {store for (_, store) in report.pending}
+            stores = [store for store in stores if store not in failed]
         remaining = await asyncio.to_thread(self.journal.count)
         PENDING_WRITES.set(remaining)
         if report.pending:
@@ -119,24 +140,31 @@ class StoreWriter:
         return report
 
     async def _chain(
-        self, store: str, collection: str, entries: list[Entry], report: _Drain
+        self,
+        store: str,
+        collection: str,
+        entries: list[Entry],
+        report: _Drain,
+        ops: dict[int, WriteOp],
     ) -> None:
         for entry in entries:
             if entry.done[store]:
                 continue
             try:
-                removed = await asyncio.wait_for(
-                    self._apply(store, collection, entry.op), self.timeout_s
-                )
-            except ValueError as exc:
-                reason = _describe(exc)
+                if entry.seq not in ops:
+                    ops[entry.seq] = await asyncio.to_thread(self.journal.op, entry.seq)
+                op = ops[entry.seq]
+                removed = await asyncio.wait_for(self._apply(store, collection, op), self.timeout_s)
+            except WriteRefused as exc:
+                reason = str(exc) or _describe(exc)
                 log.error(
                     "store refused a write; its documents are removed from both stores",
-                    extra={"store": store, "collection": collection, "error": reason},
+                    extra={"store": store, "collection": collection, "error": reason[:500]},
                 )
-                report.rejected[entry.seq] = str(exc) or reason
-                report.refused_docs.setdefault(entry.seq, []).extend(getattr(exc, "doc_ids", []))
-                await asyncio.to_thread(self.journal.mark_done, entry.seq, store)
+                report.rejected[entry.seq] = reason
+                await asyncio.to_thread(
+                    self.journal.refuse, entry.seq, store, reason, _undo(entry, exc, entries)
+                )
             except Exception as exc:
                 reason = _describe(exc)
                 WRITE_FAILURES.labels(store).inc()
@@ -192,3 +220,15 @@ class StoreWriter:
             except Exception:
                 log.exception("repair pass failed")
             await asyncio.sleep(interval_s)
+
+
+def _undo(entry: Entry, refusal: WriteRefused, entries: list[Entry]) -> WriteOp | None:
+    """The delete that makes both stores agree after `entry` was refused: its refused
+    documents (all of them when the store did not say), except those a later journaled
+    write replaces anyway; deleting those would undo the later, good version."""
+    if not entry.written_doc_ids:
+        return None  # a refused delete needs no undo (and must not loop on one)
+    refused = refusal.doc_ids or entry.written_doc_ids + entry.delete_doc_ids
+    rewritten = {d for later in entries if later.seq > entry.seq for d in later.written_doc_ids}
+    doc_ids = [d for d in dict.fromkeys(refused) if d not in rewritten]
+    return WriteOp(delete_doc_ids=doc_ids) if doc_ids else None

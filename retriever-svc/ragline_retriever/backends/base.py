@@ -57,7 +57,19 @@ class BackendUnavailable(RuntimeError):
     """The backend could not be reached or refused the operation."""
 
 
-class MetadataConflict(ValueError):
+class WriteRefused(ValueError):
+    """A store refused the data for good (not an outage): retrying cannot succeed.
+
+    The journal treats only this as final; any other error is an outage and is retried.
+    """
+
+    def __init__(self, message: str, doc_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        # The documents of the write that were refused (empty: the whole write).
+        self.doc_ids = list(doc_ids)
+
+
+class MetadataConflict(WriteRefused):
     """A metadata value has another type than the store already indexes for its key.
 
     Elasticsearch fixes one type per metadata key per index (the first value seen decides:
@@ -71,12 +83,11 @@ class MetadataConflict(ValueError):
         self.collection = collection
         self.key = key
         self.reason = reason
-        # Every document of the write that was refused (the rest of it was written).
-        self.doc_ids = list(doc_ids)
         what = f"metadata key {key!r}" if key else "metadata"
         super().__init__(
             f"{what} of collection {collection!r} has another type than the one already "
-            f"indexed for it: {reason}"
+            f"indexed for it: {reason}",
+            doc_ids,
         )
 
 

@@ -57,6 +57,7 @@ from ragline_retriever.backends.base import (
     CollectionNotFound,
     MetadataConflict,
     ScoredChunk,
+    WriteRefused,
     filter_clauses,
     hidden_fields,
 )
@@ -343,13 +344,19 @@ class ElasticsearchIndex:
         for item in cast(list[dict[str, Any]], errors):
             (result,) = item.values()  # {"index": {"_id", "status", "error"}}
             error = result.get("error") or {}
-            if result.get("status") != 400 or error.get("type") not in _CONFLICT_ERRORS:
+            if result.get("status") != 400:
                 # Not the data's fault (shard unavailable, queue full): retry the whole batch.
                 raise BackendUnavailable(
                     f"elasticsearch did not index chunk {result.get('_id')!r}: {error}"
                 )
             doc_id = doc_of.get(result.get("_id"), "?")
-            rejected.setdefault(doc_id, _conflict(collection, doc_id, error))
+            if error.get("type") in _CONFLICT_ERRORS:
+                rejected.setdefault(doc_id, _conflict(collection, doc_id, error))
+            else:  # another 400: still the data's fault, so retrying cannot help
+                reason = error.get("reason", error.get("type", "rejected"))
+                rejected.setdefault(
+                    doc_id, WriteRefused(f"elasticsearch refused document {doc_id!r}: {reason}")
+                )
         doc_ids = [d for d in dict.fromkeys(doc_of.values()) if d not in rejected]
         if doc_ids:
             with _errors(collection):
@@ -365,8 +372,11 @@ class ElasticsearchIndex:
                     conflicts="proceed",
                 )
         if rejected:
-            first = next(iter(rejected.values()))
-            raise MetadataConflict(collection, first.key, first.reason, list(rejected))
+            conflicts = [r for r in rejected.values() if isinstance(r, MetadataConflict)]
+            if conflicts:
+                first = conflicts[0]
+                raise MetadataConflict(collection, first.key, first.reason, list(rejected))
+            raise WriteRefused(str(next(iter(rejected.values()))), list(rejected))
 
     async def delete_document(self, collection: str, doc_id: str) -> int:
         if not await self.has_collection(collection):

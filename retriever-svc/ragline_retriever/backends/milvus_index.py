@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
+from pymilvus.exceptions import DataNotMatchException, MilvusException, ParamError
 
 from ragline_common.wire import Filters, MetadataValue
 from ragline_retriever.backends.base import (
@@ -38,6 +38,7 @@ from ragline_retriever.backends.base import (
     Chunk,
     CollectionNotFound,
     ScoredChunk,
+    WriteRefused,
     filter_clauses,
     hidden_fields,
 )
@@ -238,7 +239,12 @@ class MilvusIndex:
             for c, v in zip(chunks, vectors, strict=True)
         ]
         if rows:
-            self.client.upsert(physical, rows)
+            try:
+                self.client.upsert(physical, rows)
+            except (ParamError, DataNotMatchException) as exc:
+                # The rows do not fit the schema (a field over its length): final.
+                doc_ids = list(dict.fromkeys(c.doc_id for c in chunks))
+                raise WriteRefused(f"milvus refused the rows: {exc}", doc_ids) from exc
         doc_ids = list(dict.fromkeys(c.doc_id for c in chunks))
         if doc_ids:
             # Stale chunks of these documents (an older, longer version) go after the new
