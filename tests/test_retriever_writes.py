@@ -37,6 +37,8 @@ class Switched:
         self.inner = inner
         self.down: Exception | None = None
         self.refuse = ""
+        # Awaited before refusing: lets a test order the refusal after the other store.
+        self.before_refusal: Callable[[], Awaitable[None]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -52,6 +54,8 @@ class Switched:
     async def upsert(self, collection: str, chunks: list[Chunk], *vectors: Any) -> None:
         self._check()
         refused = sorted({c.doc_id for c in chunks if self.refuse and self.refuse in c.text})
+        if refused and self.before_refusal is not None:
+            await self.before_refusal()
         keep = [i for i, c in enumerate(chunks) if c.doc_id not in refused]
         rest = [[v[i] for i in keep] for v in vectors]
         await self.inner.upsert(collection, [chunks[i] for i in keep], *rest)
@@ -186,10 +190,25 @@ def test_the_journal_survives_a_restart(tmp_path: Path) -> None:
     run(tmp_path, restart)
 
 
-def test_a_refused_document_ends_in_neither_store_and_blocks_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dense_first", [False, True], ids=["refusal-first", "dense-first"])
+def test_a_refused_document_ends_in_neither_store_and_blocks_nothing(
+    tmp_path: Path, dense_first: bool
+) -> None:
+    """Run both ways round: when dense has already recorded the write, the refusal is
+    what takes it off the journal, and the undo must be journaled all the same."""
+
     async def scenario(s: Stores) -> None:
         await s.writer.write(COLLECTION, doc("epsilon", "epsilon v1"))
         s.lexical.refuse = "BAD"
+
+        async def after_dense() -> None:
+            deadline = time.monotonic() + 30
+            while not all(e.done["dense"] for e in s.journal.pending(COLLECTION)):
+                assert time.monotonic() < deadline, "dense never recorded the write"
+                await asyncio.sleep(0.01)
+
+        if dense_first:
+            s.lexical.before_refusal = after_dense
         both = doc("epsilon", "epsilon BAD v2", "epsilon v2b")
         theta = doc("theta", "theta")
         both.chunks += theta.chunks

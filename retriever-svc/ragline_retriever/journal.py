@@ -154,24 +154,22 @@ class Journal:
         with self._transaction() as db:
             _done(db, seq, store)
 
-    def refuse(self, seq: int, store: str, reason: str, undo: WriteOp | None) -> None:
+    def refuse(
+        self, seq: int, collection: str, store: str, reason: str, undo: WriteOp | None
+    ) -> None:
         """Records in one transaction that `store` refused write `seq` for good, and
         journals the delete that makes both stores agree again; a crash in between
         could otherwise lose the undo while the write is already off the books."""
         now = time.time()
         with self._transaction() as db:
-            _done(db, seq, store)
+            _done(db, seq, store)  # may remove the row: the other store already had it
             db.execute(
                 "INSERT OR REPLACE INTO refusals (seq, reason, created) VALUES (?, ?, ?)",
                 (seq, reason[:2000], now),
             )
             db.execute("DELETE FROM refusals WHERE created < ?", (now - _KEEP_REFUSALS_S,))
             if undo is not None and undo.delete_doc_ids:
-                collection = db.execute(
-                    "SELECT collection FROM writes WHERE seq = ?", (seq,)
-                ).fetchone()
-                if collection is not None:
-                    _insert(db, collection[0], undo)
+                _insert(db, collection, undo)
 
     def refusal(self, seq: int) -> str | None:
         with self._lock:

@@ -163,7 +163,12 @@ class StoreWriter:
                 )
                 report.rejected[entry.seq] = reason
                 await asyncio.to_thread(
-                    self.journal.refuse, entry.seq, store, reason, _undo(entry, exc, entries)
+                    self.journal.refuse,
+                    entry.seq,
+                    collection,
+                    store,
+                    reason,
+                    _undo(entry, exc, entries),
                 )
             except Exception as exc:
                 reason = _describe(exc)
