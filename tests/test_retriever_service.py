@@ -131,6 +131,34 @@ def test_filters_restrict_results(client: httpx.Client, ingested: dict) -> None:
     assert [h["doc_id"] for h in body["hits"]] == ["volcano"]
 
 
+def test_range_filters_over_http(client: httpx.Client) -> None:
+    docs = [
+        {"id": f"report-{year}", "text": f"The annual harvest report for {year}.",
+         "metadata": {"year": year, "published": f"{year}-03-01T09:00:00+01:00"}}
+        for year in (2019, 2021, 2023)
+    ]  # fmt: skip
+    written = client.post("/v1/collections/ranges/documents", json={"documents": docs})
+    assert written.status_code == 200, written.text
+
+    def ids(filters: dict) -> set[str]:
+        body = {"query": "annual harvest report", "collection": "ranges", "filters": filters}
+        response = client.post("/v1/retrieve", json=body)
+        assert response.status_code == 200, response.text
+        return {h["doc_id"] for h in response.json()["hits"]}
+
+    assert ids({"year": {"gte": 2021}}) == {"report-2021", "report-2023"}
+    assert ids({"year": {"gt": 2019, "lt": 2023}}) == {"report-2021"}
+    # 08:00 UTC on 1 March 2021 is exactly when report-2021 was published.
+    assert ids({"published": {"gte": "2021-03-01T08:00:00Z", "lte": "2023-01-01"}}) == {
+        "report-2021"
+    }
+    assert ids({"year": {"gte": 2021}, "doc_id": ["report-2019", "report-2023"]}) == {"report-2023"}
+    for bad in ({"year": {}}, {"year": {"gte": 2020, "gt": 2019}}, {"year": {"gte": "soon"}},
+                {"source": {"gte": 1}}, {"year": {"gte": 2024, "lt": 2020}}):  # fmt: skip
+        body = {"query": "report", "collection": "ranges", "filters": bad}
+        assert_error(client.post("/v1/retrieve", json=body), 422, "invalid_request")
+
+
 def test_reingest_changes_nothing(client: httpx.Client, ingested: dict) -> None:
     before = chunk_counts(client)
     first = retrieve(client, "yeast and gluten")
