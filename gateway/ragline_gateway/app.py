@@ -29,7 +29,7 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = settings.upstream_pool_size
         retriever = RetrieverClient(settings.retriever_url, pool)
-        reranker = RerankerClient(settings.reranker_url, pool)
+        reranker = RerankerClient.from_settings(settings, pool)
         llm = LlmClient(settings.llm_url, pool, connect_timeout=settings.llm_connect_timeout_s)
         memory: ConversationMemory = (
             RedisMemory(settings.redis_url, settings.history_ttl_s, settings.memory_timeout_s)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from ragline_common.settings import ServiceSettings
@@ -14,6 +16,14 @@ class GatewaySettings(ServiceSettings):
     port: int = 8000
     retriever_url: str = "http://127.0.0.1:8001"
     reranker_url: str = "http://127.0.0.1:8002"
+    # The reranker's protocol: `rerank` (reranker-svc, vLLM, Jina, Cohere, Infinity) or
+    # `tei` (Hugging Face text-embeddings-inference). Path empty: the API's usual one.
+    reranker_api: Literal["rerank", "tei"] = "rerank"
+    reranker_path: str = ""
+    reranker_model: str = ""  # sent as `model` (rerank API) when set
+    reranker_api_key: SecretStr = SecretStr("")  # sent as a Bearer token when set
+    # Documents per upstream request (larger lists are split); 0: the API's default.
+    reranker_max_documents: int = Field(default=0, ge=0, le=1000)
     llm_url: str = "http://127.0.0.1:8003"
     # Empty: conversation memory lives in this process (single replica only; logged).
     redis_url: str = ""

@@ -1,7 +1,13 @@
-"""HTTP routes of reranker-svc: `POST /v1/rerank` and `GET /readyz`."""
+"""HTTP routes of reranker-svc: `POST /v1/rerank` and `GET /readyz`.
+
+The rerank body and response are the widely used shape (Cohere, Jina, vLLM, Infinity):
+`query`, `documents`, `top_n` → `results: [{index, relevance_score}]`, best first.
+`top_n` above the number of documents returns them all, as those servers do.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -38,6 +44,12 @@ async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
         raise ApiError(
             503, "overloaded", f"reranker overloaded: {exc}", {"Retry-After": "1"}
         ) from None
+    if not all(math.isfinite(s) for s in scores):
+        # fp16 overflow in some checkpoints; a NaN must not be sorted into a ranking.
+        raise ApiError(
+            500, "non_finite_scores",
+            "the model produced non-finite scores; try RAGLINE_RERANKER_DTYPE=float32",
+        )  # fmt: skip
     order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
     if body.top_n is not None:
         order = order[: body.top_n]
@@ -59,11 +71,15 @@ async def readyz(request: Request) -> JsonResponse:
     state = _state(request)
     if not state.ready or state.scorer is None:
         return error_response(503, "not_ready", "model not loaded or service draining")
-    body = {
+    body: dict[str, object] = {
         "status": "ready",
         "scorer": state.scorer.kind,
         "model": state.scorer.model_name,
         "device": state.scorer.device,
+        "dtype": str(state.scorer.dtype).removeprefix("torch."),
+        "max_length": state.scorer.max_length,
+        "max_batch_tokens": state.scorer.max_batch_tokens,
+        "tokenize_once": state.scorer.tokenize_once,
     }
     if state.warning:
         body["warning"] = state.warning

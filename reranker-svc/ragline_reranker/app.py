@@ -29,15 +29,26 @@ def build_app(settings: RerankerSettings | None = None) -> FastAPI:
             log.warning(warning, extra={"scorer": scorer.kind, "model": scorer.model_name})
         batcher = MicroBatcher(
             scorer,
+            max_batch_tokens=scorer.max_batch_tokens,
             max_batch_pairs=settings.max_batch_pairs,
             max_queue_pairs=settings.max_queue_pairs,
+            max_wait_ms=settings.max_wait_ms,
         )
         batcher.start()
         state.scorer, state.batcher, state.warning = scorer, batcher, warning
         state.ready = True
         log.info(
             "reranker ready",
-            extra={"scorer": scorer.kind, "model": scorer.model_name, "device": scorer.device},
+            extra={
+                "scorer": scorer.kind,
+                "model": scorer.model_name,
+                "device": scorer.device,
+                "dtype": str(scorer.dtype).removeprefix("torch."),
+                "max_length": scorer.max_length,
+                "tokenize_once": scorer.tokenize_once,
+                "max_batch_tokens": scorer.max_batch_tokens,
+                "max_wait_ms": settings.max_wait_ms,
+            },
         )
         try:
             yield

@@ -1,16 +1,35 @@
-"""Dynamic micro-batching of score requests from concurrent callers.
+"""Dynamic micro-batching of score requests from concurrent callers, under a token budget.
 
-Callers submit their pairs and await a future. One worker task takes the oldest waiting
-item and then everything already queued, up to `max_batch_pairs`, and runs ONE forward
-pass in a single worker thread. There is no fixed wait on an empty queue: the first
-request runs at once, and the next batch forms from what arrives while the model runs.
+A request goes through three stages:
 
-A request larger than `max_batch_pairs` is split into chunks of at most that size; a
-batch never splits a chunk. The queue is bounded in pairs: past `max_queue_pairs` waiting
-pairs a submit raises `Overloaded` (the API answers 503 with Retry-After).
+1. **Admission.** Its pairs count against `max_queue_pairs` (pairs admitted and not yet in
+   a forward pass); past it `score` raises `Overloaded` at once (the API answers 503 with
+   Retry-After) instead of queueing work that would miss its deadline anyway.
+2. **Tokenizing**, once, in the tokenizer thread (`Scorer.encode`): each pair's token
+   count after truncation, and its features. The pairs are then sorted by length and cut
+   into chunks that each fit one pass (`packing.plan_chunks`), and the chunks are queued.
+   Tokenizing off the event loop and off the model thread lets it overlap the running pass.
+3. **Forward pass**, in the single model thread: the worker takes the oldest chunk plus,
+   in arrival order, every queued chunk that still fits the pass (first fit), and scores
+   them together. Scores are scattered back to each caller's order.
 
-Seam for later work: `_take_batch` is the one place that decides what goes into a pass
-(token-budget batching with length sorting belongs there).
+A pass is bounded by `max_batch_tokens` counted *padded* (the longest pair in the pass x
+its pairs: what the model computes) and by `max_batch_pairs`.
+
+When a pass starts (the flush rule), with work queued and the model free:
+
+- at once if the queued work already fills a pass (`full`);
+- at once if no admitted request is still being tokenized (`no_more_expected`): waiting
+  could then only catch requests that have not reached the service yet, so an idle
+  service scores a lone request with no added latency;
+- otherwise when the request being tokenized lands, or `max_wait_ms` after the oldest
+  queued chunk was queued (`deadline`), whichever comes first.
+
+An empty queue is never polled: the worker sleeps on an event until a chunk arrives.
+While a pass runs, new work queues up; when the model is free again the oldest chunk has
+usually waited past `max_wait_ms` already, so under load passes follow back to back and
+each takes as much of the queue as fits. The reason of each flush is counted
+(`ragline_rerank_flushes_total{reason}`).
 """
 
 from __future__ import annotations
@@ -21,61 +40,77 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import Counter, Histogram
-
+from ragline_reranker import metrics
+from ragline_reranker.packing import plan_chunks
 from ragline_reranker.scorers import Pair, Scorer
 
 log = logging.getLogger("ragline.reranker.batching")
 
-BATCH_PAIRS = Histogram(
-    "ragline_rerank_batch_pairs",
-    "Pairs scored per forward pass",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-)
-QUEUE_WAIT = Histogram(
-    "ragline_rerank_queue_wait_seconds",
-    "Time a chunk of pairs waited in the queue before its forward pass started",
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-FORWARD_PASSES = Counter("ragline_rerank_forward_passes_total", "Forward passes run")
-REQUESTS = Counter(
-    "ragline_rerank_requests_total", "Rerank requests submitted to the batcher", ["outcome"]
-)
-PAIRS = Counter("ragline_rerank_pairs_total", "Pairs scored")
-
 
 class Overloaded(Exception):
-    pass
+    """The queue bound is reached: the caller should retry later (503 + Retry-After)."""
 
 
-@dataclass
-class _Item:
-    pairs: list[Pair]
+@dataclass(eq=False)
+class _Chunk:
+    """Pairs of one request that go into the same forward pass, longest first."""
+
+    positions: list[int]  # where each pair's score goes in the caller's list
+    lengths: list[int]
+    features: list[Any]
     future: asyncio.Future[list[float]]
     enqueued: float = field(default_factory=time.perf_counter)
+    taken: bool = False  # in a forward pass (or failed at shutdown): out of the queue
+
+    @property
+    def width(self) -> int:
+        return self.lengths[0]  # sorted longest first by plan_chunks
 
 
 class MicroBatcher:
-    def __init__(self, scorer: Scorer, *, max_batch_pairs: int, max_queue_pairs: int) -> None:
+    def __init__(
+        self,
+        scorer: Scorer,
+        *,
+        max_batch_tokens: int,
+        max_batch_pairs: int,
+        max_queue_pairs: int,
+        max_wait_ms: float = 2.0,
+    ) -> None:
         self.scorer = scorer
+        self.max_batch_tokens = max_batch_tokens
         self.max_batch_pairs = max_batch_pairs
         self.max_queue_pairs = max_queue_pairs
-        self._queue: collections.deque[_Item] = collections.deque()
-        self._queued_pairs = 0
+        self.max_wait = max_wait_ms / 1000
+        self.forward_passes = 0  # this batcher's own count (the metric is process-wide)
+        self.flushes: collections.Counter[str] = collections.Counter()
+        self._queue: collections.deque[_Chunk] = collections.deque()
+        self._admitted = 0  # pairs admitted and not yet in a forward pass
+        self._incoming = 0  # requests admitted and still being tokenized
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-forward")
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-tokenize")
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank-forward")
         self._worker: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def queued_pairs(self) -> int:
-        return self._queued_pairs
+        """Pairs admitted and not yet in a forward pass (what the queue bound counts)."""
+        return self._admitted
+
+    @property
+    def incoming(self) -> int:
+        """Requests admitted and still being tokenized."""
+        return self._incoming
 
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="rerank-batcher")
 
     async def close(self) -> None:
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
             try:
@@ -84,93 +119,193 @@ class MicroBatcher:
                 pass
             self._worker = None
         while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(RuntimeError("reranker shutting down"))
-        self._queued_pairs = 0
-        self._executor.shutdown(wait=False, cancel_futures=True)
+            chunk = self._queue.popleft()
+            chunk.taken = True
+            self._release(len(chunk.positions))
+            if not chunk.future.done():
+                chunk.future.set_exception(RuntimeError("reranker shutting down"))
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
+        self._model.shutdown(wait=False, cancel_futures=True)
+
+    # -- callers --------------------------------------------------------------------------
 
     async def score(self, pairs: list[Pair]) -> list[float]:
         """Scores for `pairs`, in order. Raises `Overloaded` when the queue is full."""
-        if not pairs:
+        if self._closed:
+            raise RuntimeError("reranker shutting down")
+        n = len(pairs)
+        if n == 0:
             return []
-        if self._queued_pairs + len(pairs) > self.max_queue_pairs:
-            REQUESTS.labels("overloaded").inc()
+        if self._admitted + n > self.max_queue_pairs:
+            metrics.REQUESTS.labels("overloaded").inc()
             raise Overloaded(
-                f"{self._queued_pairs} pairs already queued (limit {self.max_queue_pairs})"
+                f"{self._admitted} pairs already queued, {n} more asked (limit "
+                f"{self.max_queue_pairs})"
             )
-        loop = asyncio.get_running_loop()
-        futures = []
-        for start in range(0, len(pairs), self.max_batch_pairs):
-            chunk = pairs[start : start + self.max_batch_pairs]
-            fut: asyncio.Future[list[float]] = loop.create_future()
-            self._queue.append(_Item(chunk, fut))
-            self._queued_pairs += len(chunk)
-            futures.append(fut)
-        self._wakeup.set()
+        self._reserve(n)
+        self._incoming += 1
         try:
-            # If this caller is cancelled, gather cancels the futures and the worker
-            # drops those chunks instead of scoring them.
-            results = await asyncio.gather(*futures)
-        except asyncio.CancelledError:
-            REQUESTS.labels("cancelled").inc()
+            chunks = await self._tokenize(pairs)
+        except BaseException as exc:
+            self._release(n)
+            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+            metrics.REQUESTS.labels(outcome).inc()
             raise
-        except Exception:
-            REQUESTS.labels("error").inc()
+        finally:
+            self._incoming -= 1
+            self._wakeup.set()  # new work, or one request fewer to wait for
+        try:
+            results = await asyncio.gather(*(c.future for c in chunks))
+        except BaseException as exc:
+            # The caller went away (client disconnect, timeout) or a pass failed: the rest
+            # of its chunks leave the queue and the bound now, unscored.
+            for chunk in chunks:
+                chunk.future.cancel()
+                if not chunk.taken:
+                    chunk.taken = True
+                    self._queue.remove(chunk)
+                    self._release(len(chunk.positions))
+            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+            metrics.REQUESTS.labels(outcome).inc()
             raise
-        REQUESTS.labels("ok").inc()
-        return [s for chunk_scores in results for s in chunk_scores]
+        scores = [0.0] * n
+        for chunk, chunk_scores in zip(chunks, results, strict=True):
+            for position, score in zip(chunk.positions, chunk_scores, strict=True):
+                scores[position] = score
+        metrics.REQUESTS.labels("ok").inc()
+        return scores
 
-    def _take_batch(self) -> list[_Item]:
-        batch: list[_Item] = []
-        size = 0
-        while self._queue:
-            item = self._queue[0]
-            if item.future.done():  # cancelled caller: drop
-                self._queue.popleft()
-                self._queued_pairs -= len(item.pairs)
-                continue
-            if batch and size + len(item.pairs) > self.max_batch_pairs:
-                break
-            self._queue.popleft()
-            self._queued_pairs -= len(item.pairs)
-            batch.append(item)
-            size += len(item.pairs)
-        return batch
+    async def _tokenize(self, pairs: list[Pair]) -> list[_Chunk]:
+        """Encode `pairs` in the tokenizer thread; queue them as pass-sized chunks."""
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        encoded = await loop.run_in_executor(self._tokenizer, self.scorer.encode, pairs)
+        metrics.TOKENIZE_SECONDS.observe(time.perf_counter() - start)
+        if self._closed:
+            raise RuntimeError("reranker shutting down")
+        chunks = [
+            _Chunk(
+                positions=idx,
+                lengths=[encoded.lengths[i] for i in idx],
+                features=[encoded.features[i] for i in idx],
+                future=loop.create_future(),
+            )
+            for idx in plan_chunks(encoded.lengths, self.max_batch_tokens, self.max_batch_pairs)
+        ]
+        self._queue.extend(chunks)
+        return chunks
+
+    def _reserve(self, pairs: int) -> None:
+        self._admitted += pairs
+        metrics.QUEUE_PAIRS.set(self._admitted)
+
+    def _release(self, pairs: int) -> None:
+        self._admitted -= pairs
+        metrics.QUEUE_PAIRS.set(self._admitted)
+
+    # -- the worker -----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        while True:
+            reason = await self._next_flush()
+            batch = self._take_batch()
+            if batch:
+                self.flushes[reason] += 1
+                metrics.FLUSHES.labels(reason).inc()
+                await self._forward(batch)
+
+    async def _next_flush(self) -> str:
+        """Wait, as the module docstring says, until a pass should start; say why."""
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            batch = self._take_batch()
-            if not batch:
                 continue
-            now = time.perf_counter()
-            pairs: list[Pair] = []
-            for item in batch:
-                QUEUE_WAIT.observe(now - item.enqueued)
-                pairs.extend(item.pairs)
-            BATCH_PAIRS.observe(len(pairs))
-            FORWARD_PASSES.inc()
+            if self._queue_fills_pass():
+                return "full"
+            if self._incoming == 0:
+                return "no_more_expected"
+            remaining = self._queue[0].enqueued + self.max_wait - time.perf_counter()
+            if remaining <= 0:
+                return "deadline"
+            self._wakeup.clear()
             try:
-                scores = await loop.run_in_executor(self._executor, self.scorer.score, pairs)
-            except asyncio.CancelledError:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.cancel()
-                raise
-            except Exception as exc:
-                log.exception("forward pass failed", extra={"pairs": len(pairs)})
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return "deadline"
+
+    def _queue_fills_pass(self) -> bool:
+        """Would all queued work together reach a bound of one pass?"""
+        pairs = width = 0
+        for chunk in self._queue:
+            pairs += len(chunk.positions)
+            width = max(width, chunk.width)
+            if pairs >= self.max_batch_pairs or pairs * width >= self.max_batch_tokens:
+                return True
+        return False
+
+    def _take_batch(self) -> list[_Chunk]:
+        """The oldest chunk, then each later one that still fits (first fit, in order).
+
+        A chunk skipped for lack of room keeps its place; it is at the head, and so taken,
+        once the chunks before it are gone: nothing waits for ever behind later work.
+        """
+        batch: list[_Chunk] = []
+        kept: collections.deque[_Chunk] = collections.deque()
+        pairs = width = 0
+        while self._queue:
+            chunk = self._queue.popleft()
+            new_pairs = pairs + len(chunk.positions)
+            new_width = max(width, chunk.width)
+            if batch and (
+                new_pairs > self.max_batch_pairs or new_pairs * new_width > self.max_batch_tokens
+            ):
+                kept.append(chunk)
                 continue
-            PAIRS.inc(len(pairs))
-            offset = 0
-            for item in batch:
-                n = len(item.pairs)
-                if not item.future.done():
-                    item.future.set_result(scores[offset : offset + n])
-                offset += n
+            batch.append(chunk)
+            chunk.taken = True
+            pairs, width = new_pairs, new_width
+            self._release(len(chunk.positions))
+            if pairs >= self.max_batch_pairs:
+                break
+        kept.extend(self._queue)
+        self._queue = kept
+        return batch
+
+    async def _forward(self, batch: list[_Chunk]) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        features: list[Any] = []
+        lengths: list[int] = []
+        for chunk in batch:
+            metrics.QUEUE_WAIT.observe(now - chunk.enqueued)
+            features.extend(chunk.features)
+            lengths.extend(chunk.lengths)
+        metrics.BATCH_PAIRS.observe(len(features))
+        metrics.BATCH_TOKENS.labels("padded").observe(max(lengths) * len(lengths))
+        metrics.BATCH_TOKENS.labels("real").observe(sum(lengths))
+        metrics.FORWARD_PASSES.inc()
+        self.forward_passes += 1
+        try:
+            scores = await loop.run_in_executor(self._model, self.scorer.forward, features)
+            if len(scores) != len(features):
+                raise RuntimeError(f"{len(scores)} scores for {len(features)} pairs")
+        except asyncio.CancelledError:
+            for chunk in batch:
+                chunk.future.cancel()
+            raise
+        except Exception as exc:
+            log.exception("forward pass failed", extra={"pairs": len(features)})
+            for chunk in batch:
+                if not chunk.future.done():
+                    chunk.future.set_exception(exc)
+            return
+        finally:
+            metrics.FORWARD_SECONDS.observe(time.perf_counter() - now)
+        metrics.PAIRS.inc(len(features))
+        offset = 0
+        for chunk in batch:
+            n = len(chunk.positions)
+            if not chunk.future.done():
+                chunk.future.set_result(scores[offset : offset + n])
+            offset += n
