@@ -165,6 +165,7 @@ def test_settings_choose_the_protocol_path_model_and_key(
                                           {"index": 0, "relevance_score": 0.1}]}  # fmt: skip
     client = RerankerClient.from_settings(GatewaySettings(), pool_size=4)
     assert client.api == "rerank" and client.path == "/v1/rerank"
+    assert client.health_path == "/readyz"  # what reranker-svc answers
     assert rerank(client, QUERY, ["a", "b"], top_n=5) == [(1, 0.9), (0, 0.1)]
     assert stand_in.requests[-1] == {
         "query": QUERY, "documents": ["a", "b"], "top_n": 2, "model": "BAAI/bge-reranker-base"
@@ -174,6 +175,9 @@ def test_settings_choose_the_protocol_path_model_and_key(
     monkeypatch.setenv("RAGLINE_GATEWAY_RERANKER_API", "tei")
     tei = RerankerClient.from_settings(GatewaySettings(), pool_size=4)
     assert (tei.api, tei.path, tei.max_documents) == ("tei", "/rerank", 32)
+    assert tei.health_path == "/health"  # TEI has no /readyz: the gateway probes /health
+    monkeypatch.setenv("RAGLINE_GATEWAY_RERANKER_HEALTH_PATH", "/ping")
+    assert RerankerClient.from_settings(GatewaySettings(), pool_size=1).health_path == "/ping"
     asyncio.run(tei.aclose())
 
 

@@ -175,7 +175,7 @@ async def readyz(request: Request) -> Response:
 
     async def probe(client: Any) -> bool:
         try:
-            await client.call("GET", "/readyz", 2.0)
+            await client.call("GET", client.health_path, 2.0)
             return True
         except UpstreamError:
             return False

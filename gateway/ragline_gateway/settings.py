@@ -24,6 +24,9 @@ class GatewaySettings(ServiceSettings):
     reranker_api_key: SecretStr = SecretStr("")  # sent as a Bearer token when set
     # Documents per upstream request (larger lists are split); 0: the API's default.
     reranker_max_documents: int = Field(default=0, ge=0, le=1000)
+    # Probed by /readyz; empty: /readyz for reranker-svc, /health for TEI (use /health
+    # for vLLM or Infinity too).
+    reranker_health_path: str = ""
     llm_url: str = "http://127.0.0.1:8003"
     # Empty: conversation memory lives in this process (single replica only; logged).
     redis_url: str = ""

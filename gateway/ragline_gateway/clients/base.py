@@ -33,6 +33,8 @@ class UpstreamError(Exception):
 
 class UpstreamClient:
     name = "upstream"
+    # What the gateway's /readyz probes.
+    health_path = "/readyz"
 
     def __init__(self, base_url: str, pool_size: int, connect_timeout: float = 2.0) -> None:
         self.http = httpx.AsyncClient(

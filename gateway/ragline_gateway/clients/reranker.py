@@ -41,6 +41,7 @@ class RerankerClient(UpstreamClient):
         model: str = "",
         api_key: str = "",
         max_documents: int = 0,
+        health_path: str = "",
         connect_timeout: float = 2.0,
     ) -> None:
         super().__init__(base_url, pool_size, connect_timeout=connect_timeout)
@@ -50,6 +51,8 @@ class RerankerClient(UpstreamClient):
         self.path = path or DEFAULT_PATHS[api]
         self.model = model
         self.max_documents = max_documents or DEFAULT_MAX_DOCUMENTS[api]
+        # reranker-svc answers /readyz; TEI and vLLM answer /health.
+        self.health_path = health_path or ("/health" if api == "tei" else "/readyz")
         if api_key:
             self.http.headers["authorization"] = f"Bearer {api_key}"
 
@@ -63,6 +66,7 @@ class RerankerClient(UpstreamClient):
             model=settings.reranker_model,
             api_key=settings.reranker_api_key.get_secret_value(),
             max_documents=settings.reranker_max_documents,
+            health_path=settings.reranker_health_path,
         )
 
     async def rerank(
