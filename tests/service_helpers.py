@@ -33,13 +33,17 @@ def running_service(
     log_dir: Path,
     ready_timeout: float = 120,
     ready_path: str = "/readyz",
+    python: Path | None = None,
 ) -> Iterator[Service]:
     """`python -m MODULE` on a free port (its `RAGLINE_<SVC>_PORT` set here, offline from
-    the Hugging Face hub), waited on until `ready_path` answers 200, stopped on leaving."""
+    the Hugging Face hub), waited on until `ready_path` answers 200, stopped on leaving.
+    `python` is the interpreter (default: this one), e.g. llm-svc's own vLLM venv."""
     port = free_port()
     port_var = f"RAGLINE_{module.removeprefix('ragline_').upper()}_PORT"
     full_env = {port_var: str(port), "HF_HUB_OFFLINE": "1", **env}
     proc = python_service(name, module, port, full_env, log_dir)
+    if python is not None:
+        proc.argv[0] = str(python)
     url = f"http://127.0.0.1:{port}"
     proc.ready = http_ready(f"{url}{ready_path}")
     proc.start()

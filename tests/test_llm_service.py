@@ -222,6 +222,7 @@ def test_client_disconnect_aborts_generation(url: str) -> None:
         for line in r.iter_lines():
             data = sse_data(line)
             if isinstance(data, dict) and data["choices"][0]["delta"].get("content"):
+                assert metric(url, "ragline_llm_engine_requests", engine="extractive") == 1
                 break  # leave mid-answer: closing the response drops the connection
 
     deadline = time.monotonic() + 10
@@ -231,6 +232,7 @@ def test_client_disconnect_aborts_generation(url: str) -> None:
     # Generation stopped: far fewer tokens than the ~70-word answer were made.
     assert metric(url, "ragline_llm_tokens_generated_total") - tokens_before < 30
     assert metric(url, "ragline_llm_active_requests") == 0
+    assert metric(url, "ragline_llm_engine_requests", engine="extractive") == 0
 
 
 def test_overload_past_max_concurrency_is_503(slow_single_url: str) -> None:
@@ -262,6 +264,14 @@ def test_overload_past_max_concurrency_is_503(slow_single_url: str) -> None:
     [
         ({"messages": []}, 422, "invalid_request"),
         ({"messages": MESSAGES, "n": 2}, 400, "unsupported_parameter"),
+        ({"messages": MESSAGES, "logprobs": True}, 400, "unsupported_parameter"),
+        ({"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "unsupported_parameter"),
+        (
+            {"messages": MESSAGES, "response_format": {"type": "json_object"}},
+            400,
+            "unsupported_parameter",
+        ),
+        ({"messages": MESSAGES, "presence_penalty": 3}, 422, "invalid_request"),
         ({"messages": "hello"}, 422, "invalid_request"),
         ({"messages": [{"role": "user", "content": 5}]}, 422, "invalid_request"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 422, "invalid_request"),
@@ -273,6 +283,10 @@ def test_overload_past_max_concurrency_is_503(slow_single_url: str) -> None:
     ids=[
         "empty-messages",
         "n-2",
+        "logprobs",
+        "tools",
+        "json-response-format",
+        "presence-penalty-out-of-range",
         "messages-string",
         "content-int",
         "bad-role",

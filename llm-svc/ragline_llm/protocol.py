@@ -35,8 +35,37 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: int | None = 1
     user: str | None = None
+    # vLLM's extensions, accepted as `vllm serve` accepts them (the extractive engine
+    # ignores them).
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_BOUND)
+    ignore_eos: bool = False
+    # Parsed only to refuse them with a clear 400 rather than silently answer without.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first requested feature this server does not provide, named for the 400."""
+        if self.n not in (None, 1):
+            return "n: only n=1 is supported"
+        if self.logprobs or self.top_logprobs:
+            return "logprobs are not supported"
+        if self.logit_bias:
+            return "logit_bias is not supported"
+        if self.tools:
+            return "tools are not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format: only type 'text' is supported"
+        return None
 
     def stop_list(self) -> list[str] | None:
         if self.stop is None:

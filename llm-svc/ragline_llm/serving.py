@@ -49,6 +49,11 @@ INTER_TOKEN = Histogram(
 )
 TOKENS = Counter("ragline_llm_tokens_generated_total", "Completion tokens generated", ["engine"])
 ACTIVE = Gauge("ragline_llm_active_requests", "Chat completions being served", ["engine"])
+ENGINE_REQUESTS = Gauge(
+    "ragline_llm_engine_requests",
+    "Generations the engine holds (running or queued), read from the engine at scrape time",
+    ["engine"],
+)
 
 DONE_FRAME = b"data: [DONE]\n\n"
 
@@ -208,10 +213,12 @@ class ChatServing:
         self.settings = settings
         self.limiter = ConcurrencyLimiter(settings.max_concurrency, engine.name)
         GENERATION_ABORTS.labels(engine.name)  # export the series at 0 from the start
+        ENGINE_REQUESTS.labels(engine.name).set_function(engine.unfinished_requests)
 
     def _generation_request(self, req: ChatCompletionRequest, request_id: str) -> GenerationRequest:
-        if req.n not in (None, 1):
-            raise ApiError(400, "unsupported_parameter", "only n=1 is supported")
+        unsupported = req.unsupported()
+        if unsupported:
+            raise ApiError(400, "unsupported_parameter", unsupported)
         max_tokens = req.max_completion_tokens or req.max_tokens or self.settings.default_max_tokens
         if max_tokens > self.settings.max_tokens_limit:
             raise ApiError(
@@ -228,6 +235,13 @@ class ChatServing:
             top_p=req.top_p,
             stop=req.stop_list(),
             seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
         )
 
     async def _open(

@@ -28,6 +28,9 @@ GENERATION_ABORTS = Counter(
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One generation. A sampling field left None means "the engine's default" (for vLLM:
+    the model's generation config, else OpenAI's neutral value), as in `vllm serve`."""
+
     request_id: str
     messages: list[ChatMessage]
     max_tokens: int
@@ -35,6 +38,14 @@ class GenerationRequest:
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # vLLM's extensions of the OpenAI request, accepted by `vllm serve` as well.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,12 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    def unfinished_requests(self) -> int:
+        """Generations the engine holds right now (running or queued). Exported as the
+        `ragline_llm_engine_requests` gauge, so that it can be seen that a client that
+        left freed its place in the engine at once."""
+        ...
 
     async def start(self) -> None: ...
 

@@ -13,6 +13,7 @@ import asyncio
 import math
 import re
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from ragline_common.passages import Passage, parse_sources
@@ -118,10 +119,14 @@ class ExtractiveEngine:
         self.model_name = model_name
         self.interval = token_interval_ms / 1000.0
         self._ready = False
+        self._active = 0
 
     @property
     def ready(self) -> bool:
         return self._ready
+
+    def unfinished_requests(self) -> int:
+        return self._active
 
     async def start(self) -> None:
         self._ready = True
@@ -130,6 +135,17 @@ class ExtractiveEngine:
         self._ready = False
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """The answer word by word; sampling fields other than max_tokens and stop do not
+        apply to an extractive answer and are ignored."""
+        self._active += 1
+        try:
+            async with aclosing(self._stream(request)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self._active -= 1
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         last_user = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)
         words = compose_answer(last_user).split()

