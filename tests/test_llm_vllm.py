@@ -36,7 +36,13 @@ from ragline_llm.engines.vllm_engine import (
 )
 from ragline_llm.settings import LlmSettings
 
-from service_helpers import assert_error, metric, post_until_ok, running_service
+from service_helpers import (
+    assert_error,
+    lower_session_priority,
+    metric,
+    post_until_ok,
+    running_service,
+)
 from sse_client import read_events
 from tiny_models import BOS, EOS, LLAMA_CHAT_TEMPLATE
 
@@ -189,22 +195,6 @@ def llm(tiny_llama: Path, llm_log_dir: Path) -> Iterator[str]:
         assert svc.proc.proc is not None
         lower_session_priority(svc.proc.proc.pid)
         yield svc.url
-
-
-def lower_session_priority(pid: int, nice: int = 5) -> None:
-    """Give the vLLM service's session a lower CPU weight than the test's own.
-
-    vLLM's CPU build busy-waits between its processes (`sched_yield` spins). The service
-    runs in a session of its own, and Linux schedules each session as one group
-    (autogroup): measured here on 2 cores, the test process then got no CPU for 1-5 s at
-    a time while the engine generated, so it could neither read a stream nor drop it on
-    time. At autogroup nice 5 those stalls are gone (and the engine still has the cores
-    whenever the test waits). Where autogroups are off the file is absent: nothing to do.
-    """
-    try:
-        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
-    except OSError:
-        pass
 
 
 @pytest.fixture()
