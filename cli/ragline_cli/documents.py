@@ -7,20 +7,20 @@ and PDF are uploaded as they are and parsed by the retriever, which knows those 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ragline_common.wire import doc_id_from_name
+
 MARKDOWN_SUFFIXES = {".md", ".markdown"}
 TEXT_SUFFIXES = {*MARKDOWN_SUFFIXES, ".txt", ".rst"}
 UPLOAD_SUFFIXES = {".html": "text/html", ".htm": "text/html", ".pdf": "application/pdf"}
-_UNSAFE = re.compile(r"[^A-Za-z0-9._:/@-]+")
 
 
 def doc_id_for(path: Path, root: Path) -> str:
     rel = path.relative_to(root) if path != root else Path(path.name)
-    return _UNSAFE.sub("-", rel.as_posix()).lstrip("-._/:@")[:256] or "document"
+    return doc_id_from_name(rel.as_posix())
 
 
 def split_title(path: Path, text: str) -> tuple[str, str]:

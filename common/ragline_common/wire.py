@@ -40,6 +40,17 @@ def check_doc_id(value: str) -> str:
     return value
 
 
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:/@-]+")
+
+
+def doc_id_from_name(name: str) -> str:
+    """A document id from a file name or relative path, so re-sending the same file
+    replaces the document: characters an id cannot hold become '-', and the id starts
+    with a letter or digit."""
+    cleaned = _UNSAFE_ID_CHARS.sub("-", name.replace("\\", "/")).lstrip("-._/:@")[:256]
+    return cleaned or "document"
+
+
 DocId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
 
 CollectionName = Annotated[str, StringConstraints(pattern=COLLECTION_PATTERN)]

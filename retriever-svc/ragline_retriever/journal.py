@@ -68,10 +68,6 @@ class WriteOp:
     def written_doc_ids(self) -> list[str]:
         return list(dict.fromkeys(c.doc_id for c in self.chunks))
 
-    @property
-    def doc_ids(self) -> list[str]:
-        return list(dict.fromkeys(self.written_doc_ids + self.delete_doc_ids))
-
 
 @dataclass
 class Entry:
@@ -79,7 +75,6 @@ class Entry:
     long journal behind a store that is down costs little to scan."""
 
     seq: int
-    collection: str
     written_doc_ids: list[str]
     delete_doc_ids: list[str]
     done: dict[str, bool]
@@ -125,7 +120,6 @@ class Journal:
         return [
             Entry(
                 seq=seq,
-                collection=collection,
                 written_doc_ids=list(orjson.loads(written)),
                 delete_doc_ids=list(orjson.loads(deletes)),
                 done={"lexical": bool(lexical), "dense": bool(dense)},

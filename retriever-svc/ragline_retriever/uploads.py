@@ -7,21 +7,18 @@ so an unreadable file is a 422 on the upload rather than a failed job found late
 from __future__ import annotations
 
 import asyncio
-import re
 
 import orjson
 from pydantic import ValidationError
 
 from ragline_common.errors import ApiError
-from ragline_common.wire import MAX_DOCUMENT_CHARS, MAX_TITLE_CHARS, DocumentIn
+from ragline_common.wire import (
+    MAX_DOCUMENT_CHARS,
+    MAX_TITLE_CHARS,
+    DocumentIn,
+    doc_id_from_name,
+)
 from ragline_retriever.parsing import UnsupportedDocument, detect_format, parse_document
-
-_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:/@-]+")
-
-
-def doc_id_from_filename(filename: str) -> str:
-    cleaned = _UNSAFE_ID.sub("-", filename.replace("\\", "/")).lstrip("-._/:@")[:256]
-    return cleaned or "document"
 
 
 async def document_from_upload(
@@ -57,7 +54,7 @@ async def document_from_upload(
         raise ApiError(422, "invalid_request", "metadata must be a JSON object") from exc
     try:
         return DocumentIn(
-            id=doc_id or doc_id_from_filename(filename),
+            id=doc_id or doc_id_from_name(filename),
             text=parsed.text,
             title=title if title is not None else parsed.title[:MAX_TITLE_CHARS],
             url=url,
