@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,9 +351,46 @@ def test_verify_compares_the_stores(client: httpx.Client, ingested: dict) -> Non
     assert_error(client.get("/v1/collections/absent/verify"), 404, "collection_not_found")
 
 
+VERSION = re.compile(r"^([0-9a-f]{16})-(\d+)$")
+
+
+def version(client: httpx.Client, collection: str) -> tuple[str, int]:
+    """(epoch, counter) of `collection`'s index version, read over HTTP."""
+    response = client.get(f"/v1/collections/{collection}/version")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"collection", "version"} and body["collection"] == collection
+    match = VERSION.match(body["version"])
+    assert match, body
+    return match[1], int(match[2])
+
+
+def test_the_index_version_changes_with_every_write_and_only_then(client: httpx.Client) -> None:
+    epoch, count = version(client, "versioned")
+    assert count == 0  # never written: still a valid cache key
+    doc = {"id": "owl", "text": "Barn owls hunt voles at night over rough grassland."}
+    written = client.post("/v1/collections/versioned/documents", json={"documents": [doc]})
+    assert written.status_code == 200, written.text
+    assert version(client, "versioned") == (epoch, 2)  # once per index
+    body = {"query": "barn owl voles", "collection": "versioned"}
+    assert client.post("/v1/retrieve", json=body).json()["hits"][0]["doc_id"] == "owl"
+    assert version(client, "versioned") == (epoch, 2)  # a search changes nothing
+    assert client.get("/v1/collections/versioned/verify").json()["consistent"]
+    assert version(client, "versioned") == (epoch, 2)
+    deleted = client.delete("/v1/collections/versioned/documents/owl")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert version(client, "versioned") == (epoch, 4)
+    assert version(client, "versioned_other") == (epoch, 0)  # collections are independent
+    bad = client.get("/v1/collections/Bad-Name/version")
+    assert_error(bad, 422, "invalid_request")
+
+
 def test_lexical_outage_degrades_to_dense(service: Service, base: Path, ingested: dict) -> None:
     """Runs last: it replaces the module's service by one whose lexical backend is an
-    Elasticsearch that is down (a free port nobody listens on)."""
+    Elasticsearch that is down (a free port nobody listens on). The index version of
+    `kb` survives the restart, and the write only dense applies bumps it once."""
+    with httpx.Client(base_url=service.url, timeout=60) as c:
+        epoch, count = version(c, "kb")
     service.proc.stop()
     env = retriever_env(
         base,
@@ -363,6 +401,7 @@ def test_lexical_outage_degrades_to_dense(service: Service, base: Path, ingested
         with httpx.Client(base_url=degraded.url, timeout=60) as c:
             ready = c.get("/readyz")
             assert ready.status_code == 200
+            assert version(c, "kb") == (epoch, count)  # kept across the restart
             assert ready.json()["status"] == "degraded"
             assert ready.json()["degraded"] == ["lexical"]
             body = retrieve(c, "Why does dough rise when you bake bread?")
@@ -376,3 +415,4 @@ def test_lexical_outage_degrades_to_dense(service: Service, base: Path, ingested
             assert_error(write, 503, "index_write_pending")
             assert write.headers["retry-after"]
             assert metric(degraded.url, "ragline_retriever_pending_writes") == 1
+            assert version(c, "kb") == (epoch, count + 1)  # dense applied it, lexical owes it

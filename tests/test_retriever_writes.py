@@ -39,6 +39,8 @@ class Switched:
         self.refuse = ""
         # Awaited before refusing: lets a test order the refusal after the other store.
         self.before_refusal: Callable[[], Awaitable[None]] | None = None
+        # Awaited once the real index has applied an upsert (it is visible to searches).
+        self.after_upsert: Callable[[], Awaitable[None]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -59,6 +61,8 @@ class Switched:
         keep = [i for i, c in enumerate(chunks) if c.doc_id not in refused]
         rest = [[v[i] for i in keep] for v in vectors]
         await self.inner.upsert(collection, [chunks[i] for i in keep], *rest)
+        if self.after_upsert is not None:
+            await self.after_upsert()
         if refused:
             raise MetadataConflict(collection, "year", "injected refusal", refused)
 
@@ -295,6 +299,146 @@ def test_both_stores_down_journals_the_write_for_both(tmp_path: Path) -> None:
         assert lexical == dense == {"eta#0"}
 
     run(tmp_path, scenario)
+
+
+def counter(journal: Journal, collection: str = COLLECTION) -> int:
+    """The counter of `collection`'s index version, after checking the version's form."""
+    epoch, _, count = journal.version(collection).rpartition("-")
+    assert epoch == journal.epoch and len(epoch) == 16 and int(epoch, 16) >= 0
+    return int(count)
+
+
+def test_every_store_that_applies_a_write_bumps_the_version(tmp_path: Path) -> None:
+    async def scenario(s: Stores) -> None:
+        assert counter(s.journal) == 0  # never written: counter 0, epoch all the same
+        await s.writer.write(COLLECTION, doc("alpha", "alpha text"))
+        assert counter(s.journal) == 2  # once per store
+        # Searching changes nothing.
+        assert await s.dense_texts("alpha") == ["alpha text"]
+        assert await s.lexical_texts("alpha", "alpha") == ["alpha text"]
+        assert counter(s.journal) == 2
+        result = await s.writer.write(COLLECTION, WriteOp(delete_doc_ids=["alpha"]))
+        assert result.removed == {"lexical": 1, "dense": 1}
+        assert counter(s.journal) == 4
+        # A delete that finds nothing is still a write each store applied.
+        await s.writer.write(COLLECTION, WriteOp(delete_doc_ids=["alpha"]))
+        assert counter(s.journal) == 6
+        # Collections are independent.
+        assert counter(s.journal, "other") == 0
+        await s.writer.write("other", doc("beta", "beta text"))
+        assert counter(s.journal, "other") == 2 and counter(s.journal) == 6
+
+    run(tmp_path, scenario)
+
+
+def test_a_write_pending_on_one_store_bumps_again_when_the_repair_loop_applies_it(
+    tmp_path: Path,
+) -> None:
+    """While dense is down, lexical applies the write: one bump, and only after the write
+    is visible in lexical. The repair loop's replay on dense bumps again, so an answer
+    cached while only lexical had the write is not served once dense has it too."""
+
+    async def scenario(s: Stores) -> None:
+        seen: list[tuple[int, list[str]]] = []
+
+        async def visible() -> None:  # inside lexical's upsert, once tantivy has committed
+            seen.append((counter(s.journal), await s.lexical_texts("alpha", "alpha")))
+
+        s.lexical.after_upsert = visible
+        s.dense.down = OUTAGE
+        result = await s.writer.write(COLLECTION, doc("alpha", "alpha text"))
+        assert set(result.pending) == {"dense"}
+        # Visible in lexical before the version moved; moved once that store recorded it.
+        assert seen == [(0, ["alpha text"])]
+        assert counter(s.journal) == 1
+        # A failed retry of the store that is down bumps nothing.
+        assert await s.writer.repair_once(force=True) == 1
+        assert counter(s.journal) == 1
+        s.dense.down = None
+        repairs = asyncio.create_task(s.writer.repair_forever(interval_s=0.05))
+        try:
+            await wait_until_drained(s.writer)
+        finally:
+            repairs.cancel()
+        assert counter(s.journal) == 2
+        assert await s.dense_texts("alpha") == ["alpha text"]
+
+    run(tmp_path, scenario)
+
+
+def test_a_refused_write_bumps_the_version(tmp_path: Path) -> None:
+    """The refusing store may have written the rest of the batch, and the undo then
+    changes both stores again: each of those bumps."""
+
+    async def scenario(s: Stores) -> None:
+        await s.writer.write(COLLECTION, doc("theta", "theta"))
+        assert counter(s.journal) == 2
+        s.lexical.refuse = "BAD"
+        result = await s.writer.write(COLLECTION, doc("epsilon", "epsilon BAD"))
+        assert result.rejected
+        # dense applied it, lexical refused it, then each store applied the undo.
+        assert counter(s.journal) == 6
+        # A write that waited behind an outage and is refused on replay bumps too.
+        s.lexical.down = OUTAGE
+        bad = await s.writer.write(COLLECTION, doc("iota", "iota BAD"))
+        assert set(bad.pending) == {"lexical"} and counter(s.journal) == 7  # dense only
+        s.lexical.down = None
+        assert await s.writer.repair_once(force=True) == 0
+        assert (await s.writer.outcome(bad.seq))[1]
+        # lexical's refusal, then the undo in both stores.
+        assert counter(s.journal) == 10
+
+    run(tmp_path, scenario)
+
+
+def test_the_version_survives_a_restart_and_a_new_journal_has_a_new_epoch(
+    tmp_path: Path,
+) -> None:
+    before: list[str] = []
+
+    async def write(s: Stores) -> None:
+        await s.writer.write(COLLECTION, doc("kappa", "kappa"))
+        s.dense.down = OUTAGE  # a write still owed by dense when the process stops
+        await s.writer.write(COLLECTION, doc("lambda", "lambda"))
+        assert counter(s.journal) == 3
+        before.append(s.journal.version(COLLECTION))
+
+    async def restart(s: Stores) -> None:
+        assert s.journal.version(COLLECTION) == before[0]
+        assert await s.writer.repair_once(force=True) == 0
+        assert counter(s.journal) == 4
+        before.append(s.journal.version(COLLECTION))
+
+    run(tmp_path, write)
+    run(tmp_path, restart)
+    reopened = Journal(tmp_path / "journal.sqlite3")
+    try:
+        assert reopened.version(COLLECTION) == before[1]
+    finally:
+        reopened.close()
+    # A wiped data directory: a new epoch, so no old version string can come back.
+    fresh = Journal(tmp_path / "wiped" / "journal.sqlite3")
+    try:
+        assert fresh.epoch != before[0].rpartition("-")[0]
+        assert fresh.version(COLLECTION) == f"{fresh.epoch}-0"
+    finally:
+        fresh.close()
+
+
+def test_a_version_is_published_only_when_its_transaction_commits(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        seq = journal.append(COLLECTION, doc("mu", "mu"))
+        with pytest.raises(ValueError):
+            journal.mark_done(seq, "nowhere", COLLECTION)  # rolled back: no bump
+        assert counter(journal) == 0
+        journal.mark_done(seq, "lexical")  # the collection read from the journal
+        assert counter(journal) == 1
+        journal.mark_done(seq, "dense", COLLECTION)
+        assert counter(journal) == 2 and journal.count() == 0
+        assert counter(journal, "other") == 0
+    finally:
+        journal.close()
 
 
 @pytest.mark.slow

@@ -24,7 +24,13 @@ from ragline_common.wire import (
 )
 from ragline_retriever import ingest as ingesting
 from ragline_retriever import uploads
-from ragline_retriever.protocol import IngestJobRequest, Job, JobsResponse, VerifyReport
+from ragline_retriever.protocol import (
+    CollectionVersion,
+    IngestJobRequest,
+    Job,
+    JobsResponse,
+    VerifyReport,
+)
 from ragline_retriever.runtime import Runtime
 from ragline_retriever.search import retrieve
 from ragline_retriever.verify import verify
@@ -137,6 +143,15 @@ async def get_verify(collection: CollectionPath, request: Request) -> VerifyRepo
     return await verify(runtime(request), collection)
 
 
+@router.get("/v1/collections/{collection}/version", response_model=CollectionVersion)
+async def get_version(collection: CollectionPath, request: Request) -> CollectionVersion:
+    """The collection's index version, for keying cached answers: it changes after every
+    write a store applies, so read it before searching. From memory: cheap on every
+    question. A collection never written is a valid key too (counter 0)."""
+    version = runtime(request).journal.version(collection)
+    return CollectionVersion(collection=collection, version=version)
+
+
 @router.get("/v1/collections", response_model=CollectionsResponse)
 async def get_collections(request: Request) -> CollectionsResponse:
     counts = await ingesting.list_collections(runtime(request))
@@ -152,6 +167,8 @@ async def readyz(request: Request) -> JsonResponse:
     One index down is "degraded", not "not ready": taking every replica out of the load
     balancer because Elasticsearch is down would turn a degraded answer into no answer.
     """
+    if getattr(request.app.state, "draining", False):  # SIGTERM: leave the load balancer
+        return JsonResponse({"status": "draining"}, status_code=503)
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None or not rt.ready or rt.dense is None:
         return JsonResponse({"status": "starting"}, status_code=503)

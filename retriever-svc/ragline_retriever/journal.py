@@ -10,10 +10,28 @@ SQLite in the data directory: one file, transactional, in the standard library. 
 replica keeps its own journal of its own writes; give it a persistent volume wherever
 the indexes are remote, or a crash loses the record of a half-done write (the `verify`
 endpoint still finds the damage).
+
+Index versions: each collection has a counter here, bumped every time a store applies one
+of its writes (each `mark_done`, once per store) and on each refusal, in the same
+transaction as that bookkeeping, so always after the write is visible to searches in that
+store. `version()` reads it from memory as "<epoch>-<counter>": the epoch is random per
+journal database (kept in `meta`), so a wiped data directory never hands out an old
+version string again, and a collection never written is at counter 0. The gateway keys
+its answer cache on it: an answer cached under a version was computed from data at least
+as new as that version, and any later change to what a search can see bumps it again (an
+answer cached while only one store had a write is dropped when the other applies it). A
+store write that times out but lands later in its worker thread is visible before its
+bump; the bump comes when its retry is marked done.
+
+The version is per retriever replica, like the journal: a deployment with several
+retriever replicas writing must send a collection's writes and its version reads to the
+same replica, or accept that another replica's write does not invalidate cached answers
+until this replica's own version of that collection changes.
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 import time
@@ -51,6 +69,16 @@ CREATE TABLE IF NOT EXISTS refusals (
     seq INTEGER PRIMARY KEY,
     reason TEXT NOT NULL,
     created REAL NOT NULL
+);
+-- Per-collection index versions: bumped each time a store applies a write of the collection.
+CREATE TABLE IF NOT EXISTS versions (
+    collection TEXT PRIMARY KEY,
+    counter INTEGER NOT NULL
+);
+-- Small facts about this database; "epoch" prefixes every version string it hands out.
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
 _KEEP_REFUSALS_S = 7 * 86400
@@ -92,19 +120,52 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        with self._lock:  # a crash between two statements of an older version
-            self._db.execute("DELETE FROM writes WHERE lexical_done AND dense_done")
+        # Index versions bumped by the open transaction, published once it commits.
+        self._bumped: dict[str, int] = {}
+        with self._transaction() as db:
+            # A crash between two statements of an older version.
+            db.execute("DELETE FROM writes WHERE lexical_done AND dense_done")
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)",
+                (secrets.token_hex(8),),
+            )
+            self.epoch: str = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+            # Read here once; the request path reads only this copy.
+            self._versions: dict[str, int] = dict(
+                db.execute("SELECT collection, counter FROM versions").fetchall()
+            )
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._bumped.clear()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._bumped.clear()
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            # After the commit and still under the lock: a reader never sees a version that
+            # is not durable, and two commits cannot publish their counters out of order.
+            self._versions.update(self._bumped)
+            self._bumped.clear()
+
+    def _bump(self, db: sqlite3.Connection, collection: str) -> None:
+        """Advances `collection`'s version inside the open transaction (under the lock)."""
+        row = db.execute(
+            "INSERT INTO versions (collection, counter) VALUES (?, 1)"
+            " ON CONFLICT (collection) DO UPDATE SET counter = counter + 1 RETURNING counter",
+            (collection,),
+        ).fetchone()
+        self._bumped[collection] = int(row[0])
+
+    def version(self, collection: str) -> str:
+        """`collection`'s index version, "<epoch>-<counter>", from memory (no SQLite read):
+        it changes after every write a store has applied, and never repeats for other data."""
+        return f"{self.epoch}-{self._versions.get(collection, 0)}"
 
     def append(self, collection: str, op: WriteOp) -> int:
         with self._transaction() as db:
@@ -144,9 +205,18 @@ class Journal:
             delete_doc_ids=list(orjson.loads(deletes)),
         )
 
-    def mark_done(self, seq: int, store: str) -> None:
+    def mark_done(self, seq: int, store: str, collection: str | None = None) -> None:
+        """Records that `store` applied write `seq` (now visible to its searches) and bumps
+        the collection's version in the same transaction. `collection` is the write's own;
+        without it, it is read from the journal (nothing happens for a write already gone)."""
         with self._transaction() as db:
+            if collection is None:
+                row = db.execute("SELECT collection FROM writes WHERE seq = ?", (seq,)).fetchone()
+                if row is None:
+                    return
+                collection = str(row[0])
             _done(db, seq, store)
+            self._bump(db, collection)
 
     def refuse(
         self, seq: int, collection: str, store: str, reason: str, undo: WriteOp | None
@@ -157,6 +227,8 @@ class Journal:
         now = time.time()
         with self._transaction() as db:
             _done(db, seq, store)  # may remove the row: the other store already had it
+            # The rest of the batch may have landed in `store`, and the undo is yet to come.
+            self._bump(db, collection)
             db.execute(
                 "INSERT OR REPLACE INTO refusals (seq, reason, created) VALUES (?, ?, ?)",
                 (seq, reason[:2000], now),

@@ -1,4 +1,4 @@
-"""Wire models of the retriever's own endpoints (jobs, verify): the gateway forwards these
+"""Wire models of the retriever's own endpoints (jobs, verify, version): the gateway forwards these
 as they are, so they live here rather than in the shared contracts."""
 
 from __future__ import annotations
@@ -52,3 +52,11 @@ class VerifyReport(BaseModel):
     only_in_dense_count: int
     # Journaled writes not yet applied everywhere: a difference they explain will heal.
     pending_writes: int
+
+
+class CollectionVersion(BaseModel):
+    collection: str
+    # "<epoch hex>-<counter>": changes after every write a store applies to the collection
+    # (counter 0 for a collection never written); never repeats for other data. Compare it
+    # for equality only.
+    version: str

@@ -13,6 +13,9 @@ retried. Such a write is marked done for that store and, in the same transaction
 delete of the refused documents is journaled, so the two stores agree again (those
 documents are absent from both) and the caller is told to fix and resend them. A later
 journaled write of the same document is left alone: it is the fix.
+
+Every store's application of a write (and every refusal) bumps the collection's index
+version in the journal, after the write is visible there (see journal.py).
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ class StoreWriter:
                 if entry.attempts:
                     WRITES_REPLAYED.labels(store).inc()
                 report.removed[(entry.seq, store)] = removed
-                await asyncio.to_thread(self.journal.mark_done, entry.seq, store)
+                await asyncio.to_thread(self.journal.mark_done, entry.seq, store, collection)
 
     async def _apply(self, store: str, collection: str, op: WriteOp) -> int:
         index = self.stores[store]
