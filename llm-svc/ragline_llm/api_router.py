@@ -87,6 +87,8 @@ async def models(request: Request) -> JsonResponse:
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JsonResponse:
+    if getattr(request.app.state, "draining", False):  # SIGTERM: leave the load balancer
+        return error_response(503, "draining", "service shutting down")
     serving: ChatServing | None = getattr(request.app.state, "serving", None)
     if serving is None or not serving.engine.ready:
         return error_response(503, "not_ready", "engine not started or service draining")

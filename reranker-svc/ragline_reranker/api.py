@@ -68,6 +68,8 @@ async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JsonResponse:
+    if getattr(request.app.state, "draining", False):  # SIGTERM: leave the load balancer
+        return error_response(503, "draining", "service shutting down")
     state = _state(request)
     if not state.ready or state.scorer is None:
         return error_response(503, "not_ready", "model not loaded or service draining")
