@@ -33,7 +33,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         reranker_port=free_port(),
         llm_port=free_port(),
         redis_port=free_port(),
-        extra_env={"llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS)}},
+        extra_env={
+            "llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS)},
+            # Most tests ask the same questions and need a live generation each time; the
+            # cache and the limits are tested on gateways of their own (test_gateway_*).
+            "gateway": {
+                "RAGLINE_GATEWAY_CACHE_TTL_S": "0",
+                "RAGLINE_GATEWAY_REQUESTS_PER_MINUTE": "0",
+                "RAGLINE_GATEWAY_MAX_STREAMS_PER_KEY": "0",
+            },
+        },
     )
     missing = config.missing_binaries()
     if missing:

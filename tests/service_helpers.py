@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from ragline_cli.processes import ManagedProcess, free_port, http_ready, python_service
@@ -40,7 +41,9 @@ def running_service(
     `python` is the interpreter (default: this one), e.g. llm-svc's own vLLM venv."""
     port = free_port()
     port_var = f"RAGLINE_{module.removeprefix('ragline_').upper()}_PORT"
-    full_env = {port_var: str(port), "HF_HUB_OFFLINE": "1", **env}
+    drain_var = port_var.removesuffix("_PORT") + "_SHUTDOWN_DRAIN_S"
+    # No load balancer in front: stop without the production drain unless a test sets one.
+    full_env = {port_var: str(port), drain_var: "0", "HF_HUB_OFFLINE": "1", **env}
     proc = python_service(name, module, port, full_env, log_dir)
     if python is not None:
         proc.argv[0] = str(python)
@@ -102,3 +105,47 @@ def lower_session_priority(pid: int, nice: int = 5) -> None:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
     except OSError:
         pass
+
+
+def write_keys(path: Path, entries: list[dict[str, Any]]) -> dict[str, str]:
+    """A gateway keys file for `entries` (KeyEntry fields without `sha256`); returns
+    {key id: the key itself}, which only the test knows."""
+    from ragline_gateway.auth import hash_key, new_key
+
+    keys = {entry["id"]: new_key() for entry in entries}
+    body = {"keys": [{**e, "sha256": hash_key(keys[e["id"]])} for e in entries]}
+    path.write_bytes(orjson.dumps(body))
+    return keys
+
+
+def gateway_env(stack_config: Any, **settings: str) -> dict[str, str]:
+    """Env of a gateway of a test's own on the session stack's backends and Redis;
+    `settings` are RAGLINE_GATEWAY_* settings by lower-case name."""
+    c = stack_config
+    env = {
+        "RAGLINE_GATEWAY_RETRIEVER_URL": f"http://127.0.0.1:{c.retriever_port}",
+        "RAGLINE_GATEWAY_RERANKER_URL": f"http://127.0.0.1:{c.reranker_port}",
+        "RAGLINE_GATEWAY_LLM_URL": f"http://127.0.0.1:{c.llm_port}",
+        "RAGLINE_GATEWAY_REDIS_URL": f"redis://127.0.0.1:{c.redis_port}/0",
+    }
+    env.update({f"RAGLINE_GATEWAY_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def chat_events(url: str, body: dict[str, Any], key: str | None = None) -> list[Any]:
+    """One `/api/chat` answer, read to its end: the sse_client events."""
+    from sse_client import read_events
+
+    headers = bearer(key) if key else {}
+    with httpx.stream("POST", f"{url}/api/chat", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        return read_events(r)
+
+
+def event(events: list[Any], name: str) -> Any:
+    """The data of the first event called `name`."""
+    return next(e.data for e in events if e.name == name)

@@ -30,6 +30,7 @@ def gateway(
         "RAGLINE_GATEWAY_RERANKER_URL": f"http://127.0.0.1:{reranker}",
         "RAGLINE_GATEWAY_LLM_URL": f"http://127.0.0.1:{llm}",
         "RAGLINE_GATEWAY_RERANK_TIMEOUT_S": "2",
+        "RAGLINE_GATEWAY_ALLOW_ANONYMOUS": "true",
     }
     # Alive, not ready: /readyz is rightly 503 while llm-svc or the retriever is down.
     return running_service(

@@ -464,6 +464,7 @@ class TestLlmSvcOnVllm:
                 f"redis://127.0.0.1:{c.redis_port}/0" if c.has_redis else ""
             ),
             "RAGLINE_GATEWAY_MAX_TOKENS": "24",
+            "RAGLINE_GATEWAY_ALLOW_ANONYMOUS": "true",
         }
         question = "How long does a sourdough starter take to double (asked of vLLM)?"
         with running_service("gateway-vllm", "ragline_gateway", env, llm_log_dir) as gateway:

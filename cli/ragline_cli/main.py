@@ -5,6 +5,9 @@ ragline ingest PATH          a file or a folder of .md/.txt/.rst/.html/.pdf file
 ragline ask "question"       stream an answer with its sources
 ragline verify COLLECTION    compare the lexical and dense indexes of a collection
 ragline eval DIR             retrieval quality on a BEIR-layout data set (in-process)
+ragline keys new ...         a new API key and its entry for the gateway's keys file
+
+ingest, ask and verify send the API key in RAGLINE_API_KEY when it is set.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ragline_cli import evaluate
+from ragline_cli import evaluate, keys
 from ragline_cli.documents import iter_documents, iter_uploads
 from ragline_cli.stack import REPO_ROOT, Stack, StackConfig
 
@@ -32,6 +35,11 @@ def default_url() -> str:
     return os.environ.get(
         "RAGLINE_URL", f"http://127.0.0.1:{os.environ.get('RAGLINE_NGINX_PORT', 8080)}"
     )
+
+
+def auth_headers() -> dict[str, str]:
+    key = os.environ.get("RAGLINE_API_KEY", "")
+    return {"authorization": f"Bearer {key}"} if key else {}
 
 
 def _submitted(response: httpx.Response) -> dict[str, Any]:
@@ -93,7 +101,7 @@ def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
     if not docs and not uploads:
         raise SystemExit(f"no .md/.txt/.rst/.html/.pdf files under {path}")
     root = path if path.is_dir() else path.parent
-    with httpx.Client(base_url=url, timeout=600) as client:
+    with httpx.Client(base_url=url, timeout=600, headers=auth_headers()) as client:
         jobs = [
             _submitted(client.post(f"/api/collections/{collection}/jobs", json={"documents": b}))
             for b in _batches(docs)
@@ -124,7 +132,7 @@ def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
 
 
 def verify(url: str, collection: str) -> int:
-    with httpx.Client(base_url=url, timeout=600) as client:
+    with httpx.Client(base_url=url, timeout=600, headers=auth_headers()) as client:
         response = client.get(f"/api/collections/{collection}/verify")
     if response.status_code >= 400:
         print(f"error {response.status_code}: {response.text}", file=sys.stderr)
@@ -158,7 +166,9 @@ def ask(url: str, question: str, collection: str | None) -> int:
     body: dict[str, Any] = {"message": question}
     if collection:
         body["collection"] = collection
-    with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=3600)) as client:
+    with httpx.Client(
+        base_url=url, timeout=httpx.Timeout(30, read=3600), headers=auth_headers()
+    ) as client:
         with client.stream("POST", "/api/chat", json=body) as response:
             if response.status_code >= 400:
                 response.read()
@@ -235,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     for p in (p_ingest, p_ask):
         p.add_argument("--collection", default=None)
     evaluate.add_parser(sub)
+    keys.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "eval":
         return evaluate.run(args)
+    if args.command == "keys":
+        return keys.run(args)
     if args.command == "verify":
         return verify(args.url, args.collection)
     if args.command == "up":

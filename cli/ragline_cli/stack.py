@@ -37,6 +37,9 @@ class StackConfig:
     redis_port: int = field(default_factory=lambda: _env_port("REDIS", 6390))
     use_redis: bool = True
     use_nginx: bool = True
+    # The gateway's API keys (JSON, see gateway/ragline_gateway/auth.py). None: a local
+    # stack where every request is anonymous and may do everything (the gateway says so).
+    api_keys_file: Path | None = None
     # Extra settings per service, e.g. {"llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "5"}}.
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
     ready_timeout_s: float = 180.0
@@ -71,6 +74,8 @@ class Stack:
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             f"{prefix}PORT": str(port),
+            # Nothing load-balances a local stack: stop at once rather than drain.
+            f"{prefix}SHUTDOWN_DRAIN_S": "0",
             **env,
             **self.config.extra_env.get(name, {}),
         }
@@ -100,6 +105,10 @@ class Stack:
                     f"redis://127.0.0.1:{c.redis_port}/0" if c.has_redis else ""
                 ),
             }
+            if c.api_keys_file is not None:
+                gateway_env["RAGLINE_GATEWAY_API_KEYS_FILE"] = str(c.api_keys_file)
+            else:
+                gateway_env["RAGLINE_GATEWAY_ALLOW_ANONYMOUS"] = "true"
             self._launch(self._service("gateway", "ragline_gateway", c.gateway_port, gateway_env))
             if c.has_nginx:
                 prefix = c.run_dir / "nginx"

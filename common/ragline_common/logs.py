@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# The tenant of the API key behind the request (gateway), once authenticated.
+tenant_var: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="")
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -34,6 +36,9 @@ class JsonFormatter(logging.Formatter):
             "request_id": request_id_var.get(),
             "msg": record.getMessage(),
         }
+        tenant = tenant_var.get()
+        if tenant:
+            entry["tenant"] = tenant
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

@@ -14,7 +14,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ragline_common.logs import request_id_var
+from ragline_common.logs import request_id_var, tenant_var
 
 access_log = logging.getLogger("ragline.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -36,6 +36,7 @@ class RequestContextMiddleware:
                 break
         request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        tenant_token = tenant_var.set("")
         start = time.perf_counter()
         status = 0
 
@@ -62,6 +63,7 @@ class RequestContextMiddleware:
                     },
                 )
             request_id_var.reset(token)
+            tenant_var.reset(tenant_token)
 
 
 def request_headers() -> dict[str, str]:

@@ -7,7 +7,11 @@ from ragline_gateway.settings import GatewaySettings
 
 def main() -> None:
     settings = GatewaySettings()
-    serve(build_app(settings), service="gateway", settings=settings)
+    try:
+        app = build_app(settings)
+    except ValueError as exc:  # no keys, or a keys file that does not validate
+        raise SystemExit(f"gateway not started: {exc}") from None
+    serve(app, service="gateway", settings=settings)
 
 
 if __name__ == "__main__":

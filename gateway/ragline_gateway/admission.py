@@ -1,44 +1,69 @@
-"""Step 1 of the pipeline: who may ask, and whether this replica takes one more stream.
+"""Step 1 of the pipeline: who is asking, and whether they may have one more answer now.
 
-API keys, tenants and Redis rate limits come with the production-gateway issue; they plug
-in here. What is here already: a per-replica bound on in-flight answers, refused at once
-with 503 and Retry-After rather than queued without bound.
+Order of the checks, cheapest and least unfair first:
+1. the API key (401), its scope and collection (403): no Redis involved;
+2. draining (503): a replica shutting down takes no new streams;
+3. this replica's bound on in-flight streams (503 + Retry-After at once, never an
+   unbounded queue): checked before the per-key limits so that a request we refuse for
+   our own overload is not charged to the key's rate;
+4. the key's rate and concurrent-stream limits in Redis (429 + Retry-After).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ragline_common.errors import ApiError
+from ragline_common.logs import tenant_var
+from ragline_gateway.auth import Authenticator, Caller, Scope
+from ragline_gateway.limits import Lease, Limiter
 from ragline_gateway.metrics import ACTIVE_STREAMS
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    tenant: str = "public"
 
 
 class Ticket:
     """Held for the life of one answer; `release` is idempotent."""
 
-    def __init__(self, admission: Admission, caller: Caller) -> None:
+    def __init__(self, admission: Admission, caller: Caller, lease: Lease | None) -> None:
         self.admission = admission
         self.caller = caller
+        self.lease = lease
         self.released = False
 
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.admission.inflight -= 1
-            ACTIVE_STREAMS.dec()
+    async def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.admission.inflight -= 1
+        ACTIVE_STREAMS.dec()
+        if self.lease is not None:
+            await self.admission.limiter.release(self.lease)
 
 
 class Admission:
-    def __init__(self, max_inflight: int) -> None:
+    def __init__(
+        self, auth: Authenticator, limiter: Limiter, max_inflight: int, app_state: Any
+    ) -> None:
+        self.auth = auth
+        self.limiter = limiter
         self.max_inflight = max_inflight
         self.inflight = 0
+        self.app_state = app_state  # `draining` is set there on SIGTERM (ragline_common.service)
 
-    def admit(self, headers: dict[str, str]) -> Ticket:
+    def caller(self, request: Request, scope: Scope) -> Caller:
+        caller = self.auth.authenticate(request.headers.get("authorization"))
+        tenant_var.set(caller.tenant)
+        caller.require(scope)
+        return caller
+
+    async def admit_stream(self, caller: Caller) -> Ticket:
+        if getattr(self.app_state, "draining", False):
+            raise ApiError(
+                503, "shutting_down", "this gateway replica is shutting down; retry",
+                headers={"Retry-After": "1"},
+            )  # fmt: skip
         if self.inflight >= self.max_inflight:
             raise ApiError(
                 503, "overloaded", "this gateway replica is at its stream limit; retry shortly",
@@ -46,4 +71,35 @@ class Admission:
             )  # fmt: skip
         self.inflight += 1
         ACTIVE_STREAMS.inc()
-        return Ticket(self, Caller())
+        ticket = Ticket(self, caller, None)
+        try:
+            ticket.lease = await self.limiter.acquire(caller, stream=True)
+        except BaseException:
+            await ticket.release()
+            raise
+        return ticket
+
+    async def admit_request(self, caller: Caller) -> None:
+        """A request that is not an answer stream (document management): rate only."""
+        await self.limiter.acquire(caller, stream=False)
+
+
+# Declared so that the OpenAPI document names the scheme; the check itself is ours.
+_bearer = HTTPBearer(auto_error=False, description="ragline API key")
+
+
+async def chat_caller(
+    request: Request, _: HTTPAuthorizationCredentials | None = Security(_bearer)
+) -> Caller:
+    """A dependency, so that a request without a key gets 401 before its body is judged."""
+    admission: Admission = request.app.state.admission
+    return admission.caller(request, "chat")
+
+
+async def admin_caller(
+    request: Request, _: HTTPAuthorizationCredentials | None = Security(_bearer)
+) -> Caller:
+    admission: Admission = request.app.state.admission
+    caller = admission.caller(request, "admin")
+    await admission.admit_request(caller)
+    return caller

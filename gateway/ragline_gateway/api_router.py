@@ -7,13 +7,14 @@ import asyncio
 import re
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
-from ragline_common.wire import COLLECTION_PATTERN
-from ragline_gateway.admission import Admission, Ticket
+from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN
+from ragline_gateway.admission import Admission, Ticket, chat_caller
+from ragline_gateway.auth import Caller
 from ragline_gateway.clients.base import UpstreamError
 from ragline_gateway.memory import Turn
 from ragline_gateway.pipeline import AnswerPipeline, PreparedAnswer, Question
@@ -52,37 +53,41 @@ async def _prepare(pipeline: AnswerPipeline, ticket: Ticket, q: Question) -> Pre
     try:
         return await pipeline.prepare(q)
     except BaseException:
-        ticket.release()
+        await ticket.release()
         raise
 
 
 def _respond(prepared: PreparedAnswer, ticket: Ticket, body: Any) -> AnswerResponse:
     async def on_close() -> None:
-        ticket.release()
-        await prepared.stream.aclose()
+        await ticket.release()
+        if prepared.stream is not None:
+            await prepared.stream.aclose()
 
     return AnswerResponse(body, on_close)
 
 
 @router.post("/api/chat")
-async def chat(body: ChatRequest, request: Request) -> Response:
+async def chat(
+    body: ChatRequest, request: Request, caller: Caller = Depends(chat_caller)
+) -> Response:
     settings, pipeline, admission = _state(request)
     _check_question(settings, body.message, body.top_k)
-    ticket = admission.admit(dict(request.headers))
     q = Question(
         text=body.message,
-        collection=body.collection or settings.default_collection,
+        collection=caller.collection(body.collection),
         endpoint="api_chat",
+        tenant=caller.tenant,
         filters=body.filters,
         top_k=body.top_k,
         conversation_id=body.conversation_id,
     )
+    ticket = await admission.admit_stream(caller)
     prepared = await _prepare(pipeline, ticket, q)
     return _respond(prepared, ticket, native_sse(pipeline.events(prepared)))
 
 
 def _openai_question(
-    settings: GatewaySettings, body: OpenAIChatRequest, request: Request
+    settings: GatewaySettings, body: OpenAIChatRequest, request: Request, caller: Caller
 ) -> Question:
     unsupported = body.unsupported_fields()
     if unsupported:
@@ -106,14 +111,17 @@ def _openai_question(
         elif role == "assistant" and pending is not None:
             history.append(Turn(pending, text))
             pending = None
-    collection = body.collection or (
-        body.model if body.model != DEFAULT_MODEL else settings.default_collection
-    )
+    asked = body.collection or (body.model if body.model != DEFAULT_MODEL else None)
+    if asked is not None and not _valid(COLLECTION_PATTERN, asked):
+        raise ApiError(404, "collection_not_found", f"no model or collection named {asked!r}")
     conversation_id = body.conversation_id or request.headers.get("x-openwebui-chat-id") or None
+    if conversation_id is not None and not _valid(DOC_ID_PATTERN, conversation_id):
+        raise ApiError(422, "invalid_request", "the chat id header is not a valid conversation id")
     return Question(
         text=question,
-        collection=collection,
+        collection=caller.collection(asked),
         endpoint="openai",
+        tenant=caller.tenant,
         filters=body.filters,
         top_k=body.top_k,
         conversation_id=conversation_id,
@@ -129,14 +137,12 @@ def _openai_question(
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: OpenAIChatRequest, request: Request) -> Response:
+async def chat_completions(
+    body: OpenAIChatRequest, request: Request, caller: Caller = Depends(chat_caller)
+) -> Response:
     settings, pipeline, admission = _state(request)
-    q = _openai_question(settings, body, request)
-    if not _valid(COLLECTION_PATTERN, q.collection):
-        raise ApiError(
-            404, "collection_not_found", f"no model or collection named {q.collection!r}"
-        )
-    ticket = admission.admit(dict(request.headers))
+    q = _openai_question(settings, body, request, caller)
+    ticket = await admission.admit_stream(caller)
     prepared = await _prepare(pipeline, ticket, q)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -147,16 +153,17 @@ async def chat_completions(body: OpenAIChatRequest, request: Request) -> Respons
             await openai_completion(prepared, body.model, pipeline.events(prepared))
         )
     finally:
-        ticket.release()
+        await ticket.release()
 
 
 @router.get("/v1/models")
-async def models(request: Request) -> dict[str, Any]:
+async def models(request: Request, caller: Caller = Depends(chat_caller)) -> dict[str, Any]:
+    """`ragline` (the key's default collection) and each collection this key may read."""
     try:
         names = await request.app.state.retriever.call("GET", "/v1/collections", 10.0)
     except UpstreamError as exc:
         raise ApiError(503, "retriever_unavailable", "the document index is unavailable") from exc
-    collections = [c["name"] for c in names.get("collections", [])]
+    collections = caller.visible(c["name"] for c in names.get("collections", []))
     return {
         "object": "list",
         "data": [

@@ -1,20 +1,29 @@
-"""Gateway app: builds the upstream clients, memory and pipeline once for the process."""
+"""Gateway app: builds the upstream clients, Redis-backed state and the pipeline once for
+the process."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis.asyncio as redis
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from ragline_common.service import create_app
 from ragline_gateway.admission import Admission
 from ragline_gateway.api_router import router
+from ragline_gateway.auth import Authenticator
+from ragline_gateway.cache import AnswerCache, LocalCache, RedisCache
 from ragline_gateway.clients.llm import LlmClient
 from ragline_gateway.clients.reranker import RerankerClient
 from ragline_gateway.clients.retriever import RetrieverClient
 from ragline_gateway.documents import router as documents_router
+from ragline_gateway.hardening import install_hardening
+from ragline_gateway.limits import Limiter, LocalLimiter, RedisLimiter
 from ragline_gateway.memory import ConversationMemory, LocalMemory, RedisMemory
 from ragline_gateway.pipeline import AnswerPipeline
 from ragline_gateway.settings import GatewaySettings
@@ -22,8 +31,30 @@ from ragline_gateway.settings import GatewaySettings
 log = logging.getLogger("ragline.gateway")
 
 
+def redis_client(settings: GatewaySettings) -> redis.Redis:
+    """One pool for cache, limits and memory. Short timeouts and a single retry: a pooled
+    connection that died with a Redis restart is retried once on a fresh one, while a Redis
+    that is down costs each request one quick failure, not a backoff loop."""
+    return redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
 def build_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
+    # Built here, not in the lifespan: bad keys must stop the process before it listens.
+    auth = Authenticator(
+        keys_file=settings.api_keys_file,
+        keys_json=settings.api_keys.get_secret_value(),
+        allow_anonymous=settings.allow_anonymous,
+        default_collection=settings.default_collection,
+        requests_per_minute=settings.requests_per_minute,
+        max_streams=settings.max_streams_per_key,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -31,16 +62,28 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
         retriever = RetrieverClient(settings.retriever_url, pool)
         reranker = RerankerClient.from_settings(settings, pool)
         llm = LlmClient(settings.llm_url, pool, connect_timeout=settings.llm_connect_timeout_s)
-        memory: ConversationMemory = (
-            RedisMemory(settings.redis_url, settings.history_ttl_s, settings.memory_timeout_s)
-            if settings.redis_url
-            else LocalMemory()
-        )
+        shared = redis_client(settings) if settings.redis_url else None
+        memory: ConversationMemory
+        limiter: Limiter
+        cache: AnswerCache | None
+        if shared is not None:
+            memory = RedisMemory(shared, settings.history_ttl_s)
+            limiter = RedisLimiter(
+                shared,
+                on_redis_error=settings.rate_limit_on_redis_error,
+                lease_ttl_s=settings.stream_lease_ttl_s,
+            )
+            cache = RedisCache(shared, settings.cache_ttl_s)
+        else:
+            memory, limiter, cache = LocalMemory(), LocalLimiter(), LocalCache(settings.cache_ttl_s)
+        if not settings.cache_ttl_s:
+            cache = None
         app.state.settings = settings
         app.state.retriever, app.state.reranker, app.state.llm = retriever, reranker, llm
-        app.state.pipeline = AnswerPipeline(settings, retriever, reranker, llm, memory)
-        app.state.admission = Admission(settings.max_inflight_streams)
+        app.state.pipeline = AnswerPipeline(settings, retriever, reranker, llm, memory, cache)
         app.state.draining = False
+        app.state.admission = Admission(auth, limiter, settings.max_inflight_streams, app.state)
+        watcher = asyncio.create_task(auth.watch(settings.keys_reload_interval_s))
         log.info(
             "gateway started", extra={"retriever": settings.retriever_url, "llm": settings.llm_url}
         )
@@ -48,11 +91,17 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
             yield
         finally:
             app.state.draining = True
+            watcher.cancel()
             for client in (retriever, reranker, llm):
                 await client.aclose()
             await memory.aclose()
+            await limiter.aclose()
+            if shared is not None:
+                await shared.aclose()
 
     app = create_app("ragline gateway", lifespan)
-    app.include_router(router)
-    app.include_router(documents_router)
+    # Questions are small; document uploads get the larger limit.
+    app.include_router(router, max_body_size=settings.max_request_bytes)
+    app.include_router(documents_router, max_body_size=settings.max_upload_bytes)
+    install_hardening(app, settings)
     return app

@@ -9,17 +9,22 @@ admin scope these routes need arrives with authentication (issue 5's `admission.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+import orjson
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from pydantic import AfterValidator
 
 from ragline_common.errors import ApiError
+from ragline_common.responses import JsonResponse
 from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN, check_doc_id
+from ragline_gateway.admission import admin_caller
+from ragline_gateway.auth import Caller
 from ragline_gateway.clients.base import UpstreamError
 
 router = APIRouter(prefix="/api")
+Admin = Annotated[Caller, Depends(admin_caller)]
 
 Collection = Annotated[str, Path(pattern=COLLECTION_PATTERN)]
 DocId = Annotated[str, Path(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
@@ -30,14 +35,14 @@ _TIMEOUT_S = 300.0
 _PASSED_HEADERS = ("retry-after",)
 
 
-async def _pass(request: Request, path: str) -> Response:
+async def _pass(request: Request, path: str, method: str | None = None) -> Response:
     retriever = request.app.state.retriever
     try:
         upstream = await retriever.forward(
-            request.method,
+            method or request.method,
             path,
             list(request.query_params.multi_items()),
-            await request.body(),
+            await request.body() if method is None else b"",
             request.headers.get("content-type"),
             _TIMEOUT_S,
         )
@@ -59,50 +64,80 @@ async def _pass(request: Request, path: str) -> Response:
     )
 
 
+def _json(response: Response) -> Any:
+    return orjson.loads(bytes(response.body))
+
+
+async def _owned_job(request: Request, caller: Caller, job_id: str) -> Response:
+    """The job, or 404 when it belongs to a collection this key does not reach."""
+    upstream = await _pass(request, f"/v1/jobs/{job_id}", method="GET")
+    if upstream.status_code == 200 and not caller.may_read(_json(upstream)["collection"]):
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return upstream
+
+
 @router.get("/collections")
-async def list_collections(request: Request) -> Response:
-    return await _pass(request, "/v1/collections")
+async def list_collections(request: Request, caller: Admin) -> Response:
+    upstream = await _pass(request, "/v1/collections")
+    if upstream.status_code != 200:
+        return upstream
+    body = _json(upstream)
+    body["collections"] = [c for c in body["collections"] if caller.may_read(c["name"])]
+    return JsonResponse(body)
 
 
 @router.post("/collections/{collection}/documents")
-async def ingest(collection: Collection, request: Request) -> Response:
+async def ingest(collection: Collection, request: Request, caller: Admin) -> Response:
     """Up to 256 documents, written before the answer (JSON `{documents: [...]}`)."""
+    caller.collection(collection)
     return await _pass(request, f"/v1/collections/{collection}/documents")
 
 
 @router.post("/collections/{collection}/jobs", status_code=202)
-async def ingest_job(collection: Collection, request: Request) -> Response:
+async def ingest_job(collection: Collection, request: Request, caller: Admin) -> Response:
     """Up to 10,000 documents as a background job: 202 with the job to poll."""
+    caller.collection(collection)
     return await _pass(request, f"/v1/collections/{collection}/jobs")
 
 
 @router.post("/collections/{collection}/files", status_code=202)
-async def ingest_file(collection: Collection, request: Request) -> Response:
+async def ingest_file(collection: Collection, request: Request, caller: Admin) -> Response:
     """One text, Markdown, HTML or PDF file as the raw body: 202 with the job to poll."""
+    caller.collection(collection)
     return await _pass(request, f"/v1/collections/{collection}/files")
 
 
 @router.delete("/collections/{collection}/documents/{doc_id:path}")
-async def delete_document(collection: Collection, doc_id: DocId, request: Request) -> Response:
+async def delete_document(
+    collection: Collection, doc_id: DocId, request: Request, caller: Admin
+) -> Response:
+    caller.collection(collection)
     return await _pass(request, f"/v1/collections/{collection}/documents/{doc_id}")
 
 
 @router.get("/collections/{collection}/verify")
-async def verify(collection: Collection, request: Request) -> Response:
+async def verify(collection: Collection, request: Request, caller: Admin) -> Response:
     """Compares the lexical and dense stores of a collection chunk id by chunk id."""
+    caller.collection(collection)
     return await _pass(request, f"/v1/collections/{collection}/verify")
 
 
 @router.get("/jobs")
-async def list_jobs(request: Request) -> Response:
-    return await _pass(request, "/v1/jobs")
+async def list_jobs(request: Request, caller: Admin) -> Response:
+    upstream = await _pass(request, "/v1/jobs")
+    if upstream.status_code != 200:
+        return upstream
+    body = _json(upstream)
+    body["jobs"] = [j for j in body["jobs"] if caller.may_read(j["collection"])]
+    return JsonResponse(body)
 
 
 @router.get("/jobs/{job_id}")
-async def get_job(job_id: JobId, request: Request) -> Response:
-    return await _pass(request, f"/v1/jobs/{job_id}")
+async def get_job(job_id: JobId, request: Request, caller: Admin) -> Response:
+    return await _owned_job(request, caller, job_id)
 
 
 @router.delete("/jobs/{job_id}")
-async def cancel_job(job_id: JobId, request: Request) -> Response:
+async def cancel_job(job_id: JobId, request: Request, caller: Admin) -> Response:
+    await _owned_job(request, caller, job_id)
     return await _pass(request, f"/v1/jobs/{job_id}")

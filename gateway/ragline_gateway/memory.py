@@ -33,10 +33,11 @@ class ConversationMemory(Protocol):
 
 
 class RedisMemory:
-    def __init__(self, url: str, ttl_s: int, timeout_s: float) -> None:
-        self.client = redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
+    """Conversation ids arrive as `tenant:conversation_id` (pipeline.py), so one tenant can
+    never read another's conversation by guessing its id."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.client = client
         self.ttl_s = ttl_s
 
     @staticmethod
@@ -57,7 +58,7 @@ class RedisMemory:
             await pipe.execute()
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        return None  # the Redis client is the app's, shared with cache and limits
 
 
 class LocalMemory:

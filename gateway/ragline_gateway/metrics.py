@@ -33,3 +33,12 @@ CLIENT_DISCONNECTS = Counter(
     "ragline_client_disconnects_total", "Streams the client closed before the answer ended."
 )
 ANSWERS = Counter("ragline_answers_total", "Answers by outcome.", ["outcome"])
+RATE_LIMITED = Counter(
+    "ragline_rate_limited_total", "Requests refused by a per-key limit, by limit.", ["limit"]
+)
+REDIS_ERRORS = Counter(
+    "ragline_redis_errors_total", "Failed Redis calls, by what they were for.", ["use"]
+)
+CACHE_LOOKUPS = Counter(
+    "ragline_cache_lookups_total", "Answer cache lookups, by result.", ["result"]
+)

@@ -6,16 +6,17 @@ the generation stream), so a client gets a 4xx/503 instead of a stream that dies
 SSE or as OpenAI chunks.
 
     1. admit            (admission.py; done by the endpoint before `prepare`)
-    2. concurrently     history load + retrieval
+    2. concurrently     answer-cache lookup + history load + retrieval; a hit ends it here
     3. rerank           fused candidates → top n, fused order if the reranker fails
     4. sources          sent before the first token
     5. generate         prompt → llm-svc stream, each token relayed at once
-    6. finish           history written in the background
+    6. finish           cache and history written in the background
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -30,12 +31,14 @@ from ragline_common.logs import request_id_var
 from ragline_common.passages import Passage
 from ragline_common.wire import Filters, Hit, RetrieveResponse
 from ragline_gateway import metrics
+from ragline_gateway.cache import AnswerCache, CachedAnswer, cache_key
 from ragline_gateway.clients.base import UpstreamError
 from ragline_gateway.clients.llm import Delta, LlmClient, LlmStream
 from ragline_gateway.clients.reranker import RerankerClient
 from ragline_gateway.clients.retriever import RetrieverClient
 from ragline_gateway.memory import ConversationMemory, Turn
-from ragline_gateway.prompt import build_messages, standalone_query
+from ragline_gateway.prompt import SYSTEM_PROMPT, build_messages, fit_history
+from ragline_gateway.rewrite import QueryRewriter
 from ragline_gateway.settings import GatewaySettings
 
 log = logging.getLogger("ragline.pipeline")
@@ -43,11 +46,16 @@ log = logging.getLogger("ragline.pipeline")
 Event = tuple[str, Any]  # ("meta" | "sources" | "token" | "ping" | "done" | "error", payload)
 
 
+# Part of every cache key: a changed prompt must not serve answers made with the old one.
+PROMPT_VERSION = hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:12]
+
+
 @dataclass
 class Question:
     text: str
     collection: str
     endpoint: str
+    tenant: str = "local"
     filters: Filters = field(default_factory=dict)
     top_k: int | None = None
     conversation_id: str | None = None
@@ -77,8 +85,11 @@ class PreparedAnswer:
     sources: list[Source]
     degraded: list[str]
     timings: dict[str, float]
-    stream: LlmStream
+    stream: LlmStream | None  # None for an answer from the cache
     started: float
+    cached: CachedAnswer | None = None
+    cache_key: str | None = None  # where to store this answer once complete
+    search_query: str = ""  # what was searched for a follow-up, when not the question itself
 
 
 def _ms(start: float) -> float:
@@ -93,12 +104,17 @@ class AnswerPipeline:
         reranker: RerankerClient,
         llm: LlmClient,
         memory: ConversationMemory,
+        cache: AnswerCache | None,
     ) -> None:
         self.settings = settings
         self.retriever = retriever
         self.reranker = reranker
         self.llm = llm
         self.memory = memory
+        self.cache = cache
+        self.rewriter = QueryRewriter(
+            settings.query_rewrite, llm, settings.rewrite_timeout_s, settings.rewrite_max_tokens
+        )
         self.llm_model = settings.llm_model
         self._background: set[asyncio.Task[None]] = set()
 
@@ -110,18 +126,33 @@ class AnswerPipeline:
         timings: dict[str, float] = {}
         conversation_id = q.conversation_id or uuid.uuid4().hex
 
-        # 2. History and retrieval side by side. Retrieval starts at once on the question as
-        #    asked; if history shows a follow-up, it is redone on the self-contained query.
+        # 2. Cache, history and retrieval side by side. Retrieval starts at once on the
+        #    question as asked; a cache hit on a first turn cancels it; if history shows a
+        #    follow-up, retrieval is redone on the self-contained query.
         retrieval = asyncio.create_task(self._retrieve(q, q.text))
+        lookup = asyncio.create_task(self._cache_lookup(q)) if self._cacheable(q) else None
+        key: str | None = None
         try:
             history = await self._history(q, conversation_id, degraded)
-            query = standalone_query(q.text, history)
+            if lookup is not None and not history:
+                key, hit = await lookup
+                if hit is not None:
+                    timings["prepare_ms"] = _ms(started)
+                    sources = [Source(**s) for s in hit.sources]
+                    return PreparedAnswer(
+                        q, conversation_id, sources, [], timings, None, started, hit, None
+                    )
+            rewrite_start = time.perf_counter()
+            query = await self.rewriter.standalone(q.text, history, self.llm_model, degraded)
             if query != q.text:
+                timings["rewrite_ms"] = _ms(rewrite_start)
                 retrieval.cancel()
                 retrieval = asyncio.create_task(self._retrieve(q, query))
             found = await retrieval
         finally:
             retrieval.cancel()
+            if lookup is not None:
+                lookup.cancel()
         timings["retrieve_ms"] = _ms(started)
         timings.update({f"retrieve_{k}": v for k, v in found.timings.items()})
         degraded.extend(found.degraded)
@@ -136,25 +167,74 @@ class AnswerPipeline:
         ]
 
         # 5 (opening). Build the prompt and open the generation stream.
-        messages = build_messages(q.text, [Passage(s.n, s.title, s.text) for s in sources], history)
+        passages = [Passage(s.n, s.title, s.text) for s in sources]
+        messages = build_messages(q.text, passages, history)
         stream = await self._open_generation(messages, q.sampling)
         timings["prepare_ms"] = _ms(started)
         for stage in degraded:
             metrics.DEGRADED_ANSWERS.labels(stage).inc()
-        return PreparedAnswer(q, conversation_id, sources, degraded, timings, stream, started)
+        prepared = PreparedAnswer(
+            q, conversation_id, sources, degraded, timings, stream, started, None, key
+        )
+        if query != q.text:
+            prepared.search_query = query
+        return prepared
+
+    def _cacheable(self, q: Question) -> bool:
+        return self.cache is not None and not q.history
+
+    def _generation_settings(self, q: Question) -> dict[str, Any]:
+        return {
+            "model": self.llm_model,
+            "max_tokens": self.settings.max_tokens,
+            "temperature": self.settings.temperature,
+            **{k: v for k, v in q.sampling.items() if v is not None},
+            "top_k": q.top_k or self.settings.rerank_top_n,
+            "candidates": self.settings.retrieve_candidates,
+            "prompt": PROMPT_VERSION,
+        }
+
+    async def _cache_lookup(self, q: Question) -> tuple[str | None, CachedAnswer | None]:
+        """(key to store the answer under, cached answer); (None, None) when the cache or
+        the index version cannot be had, which only costs the cache."""
+        assert self.cache is not None
+        try:
+            if not self.llm_model:  # part of the key: resolve it before the first lookup
+                self.llm_model = await self.llm.model_name(self.settings.llm_connect_timeout_s)
+            with anyio.fail_after(self.settings.redis_timeout_s * 2):
+                version = await self.retriever.index_version(
+                    q.collection, self.settings.redis_timeout_s
+                )
+                key = cache_key(
+                    tenant=q.tenant,
+                    collection=q.collection,
+                    question=q.text,
+                    filters=q.filters,
+                    generation=self._generation_settings(q),
+                    index_version=version,
+                )
+                hit = await self.cache.get(key)
+        except Exception as exc:
+            metrics.CACHE_LOOKUPS.labels("error").inc()
+            log.warning("answer cache unavailable", extra={"error": repr(exc)})
+            return None, None
+        metrics.CACHE_LOOKUPS.labels("hit" if hit else "miss").inc()
+        return key, hit
 
     async def _history(self, q: Question, conversation_id: str, degraded: list[str]) -> list[Turn]:
+        turns, budget = self.settings.history_turns, self.settings.history_token_budget
         if q.history is not None:
-            return q.history[-self.settings.history_turns :] if self.settings.history_turns else []
+            return fit_history(q.history[-turns:], budget) if turns else []
         if q.conversation_id is None:
             return []
         try:
-            with anyio.fail_after(self.settings.memory_timeout_s):
-                return await self.memory.load(conversation_id, self.settings.history_turns)
+            with anyio.fail_after(self.settings.redis_timeout_s):
+                loaded = await self.memory.load(f"{q.tenant}:{conversation_id}", turns)
         except Exception as exc:  # Redis down or slow: answer without memory
             log.warning("memory unavailable, answering without history", extra={"error": repr(exc)})
             degraded.append("memory")
             return []
+        return fit_history(loaded, budget)
 
     async def _retrieve(self, q: Question, query: str) -> RetrieveResponse:
         start = time.perf_counter()
@@ -232,6 +312,11 @@ class AnswerPipeline:
     async def events(self, p: PreparedAnswer) -> AsyncIterator[Event]:
         yield "meta", {"request_id": request_id_var.get(), "conversation_id": p.conversation_id}
         yield "sources", {"sources": [s.as_dict() for s in p.sources]}
+        if p.cached is not None:
+            async for event in self._replay(p, p.cached):
+                yield event
+            return
+        assert p.stream is not None
 
         parts: list[str] = []
         usage: dict[str, Any] = {}
@@ -292,7 +377,12 @@ class AnswerPipeline:
                     parts.append(item.text)
                     yield "token", item.text
             completed = True
-            self._finish(p, "".join(parts))  # step 6 starts before `done`: read-your-writes
+            answer = "".join(parts)
+            self._finish(p, answer)  # step 6 starts before `done`: read-your-writes
+            # Stored before `done` (bounded by the Redis timeout): a client that repeats the
+            # question once it has the answer finds it cached.
+            await self._store(p, CachedAnswer(answer, [s.as_dict() for s in p.sources], usage,
+                                              finish_reason))  # fmt: skip
             p.timings["ttft_ms"] = round((first - p.started) * 1000, 2) if first else 0.0
             p.timings["total_ms"] = _ms(p.started)
             yield (
@@ -303,6 +393,7 @@ class AnswerPipeline:
                     "degraded": p.degraded,
                     "cached": False,
                     "finish_reason": finish_reason,
+                    **({"search_query": p.search_query} if p.search_query else {}),
                 },
             )
         except asyncio.CancelledError:
@@ -313,6 +404,27 @@ class AnswerPipeline:
             with anyio.CancelScope(shield=True):
                 await p.stream.aclose()  # closing the upstream aborts the generation there
             metrics.ANSWERS.labels("completed" if completed else "incomplete").inc()
+
+    async def _replay(self, p: PreparedAnswer, hit: CachedAnswer) -> AsyncIterator[Event]:
+        """A cached answer: the same events as a live one, the text as one token."""
+        if hit.answer:
+            yield "token", hit.answer
+        self._finish(p, hit.answer)
+        p.timings["ttft_ms"] = p.timings["total_ms"] = _ms(p.started)
+        metrics.TIME_TO_FIRST_TOKEN.labels(p.question.endpoint).observe(
+            time.perf_counter() - p.started
+        )
+        metrics.ANSWERS.labels("cached").inc()
+        yield (
+            "done",
+            {
+                "usage": hit.usage,
+                "timings": p.timings,
+                "degraded": [],
+                "cached": True,
+                "finish_reason": hit.finish_reason,
+            },
+        )
 
     @staticmethod
     async def _read(stream: LlmStream, queue: asyncio.Queue[Delta | BaseException | None]) -> None:
@@ -327,16 +439,35 @@ class AnswerPipeline:
 
     # --- step 6: after the answer, off the response path ---------------------------------
 
-    def _finish(self, p: PreparedAnswer, answer: str) -> None:
-        if p.question.history is not None or "memory" in p.degraded:
-            return
-        task = asyncio.create_task(self._remember(p.conversation_id, Turn(p.question.text, answer)))
+    def _background_task(self, work: Any) -> None:
+        task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _remember(self, conversation_id: str, turn: Turn) -> None:
+    def _finish(self, p: PreparedAnswer, answer: str) -> None:
+        if p.question.history is not None or "memory" in p.degraded:
+            return
+        memory_id = f"{p.question.tenant}:{p.conversation_id}"
+        self._background_task(self._remember(memory_id, Turn(p.question.text, answer)))
+
+    async def _store(self, p: PreparedAnswer, answer: CachedAnswer) -> None:
+        """Only whole, undegraded answers are cached: a degraded one is worse than what the
+        next asker would get, and would outlive the outage that caused it."""
+        if p.cache_key is None or p.degraded or not answer.answer:
+            return
+        await self._cache_put(p.cache_key, answer)
+
+    async def _remember(self, memory_id: str, turn: Turn) -> None:
         try:
-            with anyio.fail_after(self.settings.memory_timeout_s * 4):
-                await self.memory.append(conversation_id, turn, self.settings.history_turns)
+            with anyio.fail_after(self.settings.redis_timeout_s * 4):
+                await self.memory.append(memory_id, turn, self.settings.history_turns)
         except Exception as exc:
             log.warning("could not store conversation turn", extra={"error": repr(exc)})
+
+    async def _cache_put(self, key: str, answer: CachedAnswer) -> None:
+        assert self.cache is not None
+        try:
+            with anyio.fail_after(self.settings.redis_timeout_s):
+                await self.cache.put(key, answer)
+        except Exception as exc:
+            log.warning("could not store the answer in the cache", extra={"error": repr(exc)})

@@ -23,11 +23,24 @@ def build_messages(
     return messages
 
 
-def standalone_query(question: str, history: list[Turn]) -> str:
-    """Make a follow-up searchable on its own: the previous question plus this one.
+def estimate_tokens(text: str) -> int:
+    """About four characters per token for English with the usual BPE vocabularies; the
+    gateway has no tokenizer (it never loads models), so budgets are estimates with room."""
+    return len(text) // 4 + 1
 
-    Simple concatenation; an LLM rewrite is a later option behind the same function.
-    """
-    if not history:
-        return question
-    return f"{history[-1].question} {question}"
+
+def fit_history(history: list[Turn], budget_tokens: int) -> list[Turn]:
+    """The newest turns that fit the budget, oldest dropped first; the newest turn alone is
+    cut short rather than dropped, since a follow-up leans on it most."""
+    kept: list[Turn] = []
+    used = 0
+    for turn in reversed(history):
+        cost = estimate_tokens(turn.question) + estimate_tokens(turn.answer)
+        if used + cost > budget_tokens:
+            if not kept and budget_tokens > estimate_tokens(turn.question):
+                room = (budget_tokens - estimate_tokens(turn.question)) * 4
+                kept.append(Turn(turn.question, turn.answer[:room]))
+            break
+        kept.append(turn)
+        used += cost
+    return kept[::-1]

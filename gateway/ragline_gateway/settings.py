@@ -28,8 +28,37 @@ class GatewaySettings(ServiceSettings):
     # for vLLM or Infinity too).
     reranker_health_path: str = ""
     llm_url: str = "http://127.0.0.1:8003"
-    # Empty: conversation memory lives in this process (single replica only; logged).
+    # Cache, rate limits and conversation memory. Empty: all three live in this process
+    # (single replica only; logged at start).
     redis_url: str = ""
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+
+    # API keys (auth.py): a JSON keys file (re-read when it changes) or the same JSON in
+    # an environment variable. Without keys the gateway refuses to start, unless
+    # `allow_anonymous` (a local stack: every request may do everything).
+    api_keys_file: str = ""
+    api_keys: SecretStr = SecretStr("")
+    allow_anonymous: bool = False
+    keys_reload_interval_s: float = Field(default=10.0, gt=0)
+    # Per-key limits (limits.py) unless the key sets its own; 0: unlimited.
+    requests_per_minute: int = Field(default=120, ge=0)
+    max_streams_per_key: int = Field(default=8, ge=0)
+    # What the rate limiter does when Redis fails: refuse (503) or admit without limits.
+    rate_limit_on_redis_error: Literal["closed", "open"] = "closed"
+    stream_lease_ttl_s: float = Field(default=60.0, ge=5)
+
+    # Answer cache (cache.py): 0 turns it off.
+    cache_ttl_s: int = Field(default=3600, ge=0)
+    # Follow-ups: `concat` (previous question + this one) or `llm` (llm-svc rewrites).
+    query_rewrite: Literal["concat", "llm"] = "concat"
+    rewrite_timeout_s: float = Field(default=5.0, gt=0)
+    rewrite_max_tokens: int = Field(default=64, ge=8, le=512)
+    history_token_budget: int = Field(default=1500, ge=0)
+
+    # Hardening: browser origins allowed to call the API (CORS), and request body limits.
+    cors_origins: list[str] = Field(default_factory=list)
+    max_request_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
     default_collection: str = "default"
     llm_model: str = Field(default="", description="model name sent to llm-svc; empty: ask it")
@@ -44,7 +73,6 @@ class GatewaySettings(ServiceSettings):
     # Per-stage timeouts (s): each stage fails on its own and degrades as ARCHITECTURE.md says.
     retrieve_timeout_s: float = Field(default=10.0, gt=0)
     rerank_timeout_s: float = Field(default=5.0, gt=0)
-    memory_timeout_s: float = Field(default=0.5, gt=0)
     llm_connect_timeout_s: float = Field(default=10.0, gt=0)
     llm_first_token_timeout_s: float = Field(default=60.0, gt=0)
     llm_idle_timeout_s: float = Field(default=60.0, gt=0)

@@ -20,6 +20,11 @@ class RetrieverClient(UpstreamClient):
             await self.call("POST", "/v1/retrieve", timeout, body)
         )
 
+    async def index_version(self, collection: str, timeout: float) -> str:
+        """Changes whenever a write to the collection becomes searchable (the cache key)."""
+        payload = await self.call("GET", f"/v1/collections/{collection}/version", timeout)
+        return str(payload["version"])
+
     async def forward(
         self,
         method: str,
