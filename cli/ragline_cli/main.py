@@ -42,6 +42,16 @@ def auth_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
+def send(client: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """One request, waiting out the key's rate limit (429 + Retry-After) as often as it
+    takes: a big ingest is many requests, and a limit is no reason to give up."""
+    while True:
+        response = client.request(method, url, **kwargs)
+        if response.status_code != 429:
+            return response
+        time.sleep(min(60.0, float(response.headers.get("retry-after", "1"))))
+
+
 def _submitted(response: httpx.Response) -> dict[str, Any]:
     if response.status_code >= 400:
         raise SystemExit(f"ingest failed ({response.status_code}): {response.text}")
@@ -58,7 +68,7 @@ def wait_for_jobs(client: httpx.Client, jobs: list[dict[str, Any]]) -> list[dict
         for job in jobs:
             if job["job_id"] not in ended:
                 try:
-                    response = client.get(f"/api/jobs/{job['job_id']}")
+                    response = send(client, "GET", f"/api/jobs/{job['job_id']}")
                 except httpx.TransportError:
                     continue  # a restart or a blip: the job is durable, poll again
                 if response.status_code >= 500:
@@ -103,7 +113,9 @@ def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
     root = path if path.is_dir() else path.parent
     with httpx.Client(base_url=url, timeout=600, headers=auth_headers()) as client:
         jobs = [
-            _submitted(client.post(f"/api/collections/{collection}/jobs", json={"documents": b}))
+            _submitted(
+                send(client, "POST", f"/api/collections/{collection}/jobs", json={"documents": b})
+            )
             for b in _batches(docs)
         ]
         for file, doc_id, content_type in uploads:
@@ -114,7 +126,9 @@ def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
             }
             jobs.append(
                 _submitted(
-                    client.post(
+                    send(
+                        client,
+                        "POST",
                         f"/api/collections/{collection}/files",
                         params=params,
                         content=file.read_bytes(),
