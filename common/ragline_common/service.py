@@ -8,6 +8,7 @@ shutdown (see `DrainingServer`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sys
@@ -118,7 +119,20 @@ class DrainingServer(uvicorn.Server):
                 "open_requests": len(self.server_state.tasks),
             },
         )
-        await super().shutdown(sockets)
+        grace = self.config.timeout_graceful_shutdown
+        deadline = None
+        if grace:
+            # Just before uvicorn cancels what is left, let the app end its open streams
+            # cleanly (the gateway sends an SSE `error` event) instead of cutting them.
+            hooks = getattr(self.app.state, "before_grace_deadline", [])
+            deadline = asyncio.get_running_loop().call_later(
+                max(0.0, grace - min(1.0, grace / 4)), lambda: [hook() for hook in hooks]
+            )
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if deadline is not None:
+                deadline.cancel()
         log.info(
             "shut down",
             extra={

@@ -81,6 +81,7 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.retriever, app.state.reranker, app.state.llm = retriever, reranker, llm
         app.state.pipeline = AnswerPipeline(settings, retriever, reranker, llm, memory, cache)
+        app.state.before_grace_deadline = [app.state.pipeline.end_open_streams]
         app.state.draining = False
         app.state.admission = Admission(auth, limiter, settings.max_inflight_streams, app.state)
         watcher = asyncio.create_task(auth.watch(settings.keys_reload_interval_s))

@@ -16,6 +16,7 @@ SSE or as OpenAI chunks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -44,6 +45,15 @@ from ragline_gateway.settings import GatewaySettings
 log = logging.getLogger("ragline.pipeline")
 
 Event = tuple[str, Any]  # ("meta" | "sources" | "token" | "ping" | "done" | "error", payload)
+
+
+class _ShuttingDown:
+    """Put in an answer's queue when the replica's shutdown grace runs out."""
+
+
+# What the reader task hands to `events`: a delta, the error that ended the stream, the
+# end (None), or the replica shutting down.
+Feed = asyncio.Queue[Delta | BaseException | _ShuttingDown | None]
 
 
 # Part of every cache key: a changed prompt must not serve answers made with the old one.
@@ -117,6 +127,7 @@ class AnswerPipeline:
         )
         self.llm_model = settings.llm_model
         self._background: set[asyncio.Task[None]] = set()
+        self._open_streams: set[Feed] = set()
 
     # --- steps 2, 3 and the opening of 5: everything that may still be a plain HTTP error --
 
@@ -323,8 +334,9 @@ class AnswerPipeline:
         finish_reason = "stop"
         # One reader task feeds a queue so that waiting for the next token can time out
         # (for `: ping` and the idle limit) without cancelling a read inside httpx's stream.
-        queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue(maxsize=256)
+        queue: Feed = asyncio.Queue(maxsize=256)
         reader = asyncio.create_task(self._read(p.stream, queue))
+        self._open_streams.add(queue)
         last = first = 0.0
         completed = False
         try:
@@ -348,6 +360,12 @@ class AnswerPipeline:
                     continue
                 if item is None:
                     break
+                if isinstance(item, _ShuttingDown):
+                    yield (
+                        "error",
+                        {"code": "shutting_down", "message": "the server is restarting; ask again"},
+                    )
+                    return
                 if isinstance(item, BaseException):
                     metrics.UPSTREAM_ERRORS.labels("llm").inc()
                     log.warning("generation failed mid-stream", extra={"error": repr(item)})
@@ -400,6 +418,7 @@ class AnswerPipeline:
             metrics.CLIENT_DISCONNECTS.inc()
             raise
         finally:
+            self._open_streams.discard(queue)
             reader.cancel()
             with anyio.CancelScope(shield=True):
                 await p.stream.aclose()  # closing the upstream aborts the generation there
@@ -426,8 +445,15 @@ class AnswerPipeline:
             },
         )
 
+    def end_open_streams(self) -> None:
+        """The shutdown grace is running out: every open answer ends with an `error` event
+        now, rather than being cut off mid-frame a moment later."""
+        for queue in list(self._open_streams):
+            with contextlib.suppress(asyncio.QueueFull):  # a reader that far behind is cut
+                queue.put_nowait(_ShuttingDown())
+
     @staticmethod
-    async def _read(stream: LlmStream, queue: asyncio.Queue[Delta | BaseException | None]) -> None:
+    async def _read(stream: LlmStream, queue: Feed) -> None:
         try:
             async for delta in stream.deltas():
                 await queue.put(delta)

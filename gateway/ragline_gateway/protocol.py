@@ -15,7 +15,7 @@ ConversationId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN)]
 class ChatRequest(BaseModel):
     """Body of `POST /api/chat`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     message: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
     conversation_id: ConversationId | None = None
@@ -58,7 +58,7 @@ class OpenAIChatRequest(BaseModel):
     not support (n>1, tools, logprobs, ...) are refused with 400 instead of silently
     ignored; see `unsupported_fields`."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=200)
@@ -76,7 +76,7 @@ class OpenAIChatRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=1)
     conversation_id: ConversationId | None = None
 
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
 
     def unsupported_fields(self) -> list[str]:
