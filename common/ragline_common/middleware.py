@@ -66,6 +66,39 @@ class RequestContextMiddleware:
             tenant_var.reset(tenant_token)
 
 
+class InternalErrorMiddleware:
+    """Turns an unhandled exception into the 500 error envelope *inside* the request-id
+    middleware, so the 500 carries the request id (body, header and log line) and passes
+    through every other middleware like any answer. Starlette's own catch-all runs
+    outermost, where none of that is known. An exception after the response started
+    cannot become a 500 any more; it goes on up."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:
+                raise
+            logging.getLogger("ragline.errors").exception("unhandled error")
+            from ragline_common.errors import error_response
+
+            response = error_response(500, "internal_error", "internal error; see the service log")
+            await response(scope, receive, send)
+
+
 def request_headers() -> dict[str, str]:
     """Headers to put on calls to upstream services so the request id follows the request."""
     return {"x-request-id": request_id_var.get()}

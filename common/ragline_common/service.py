@@ -24,7 +24,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from ragline_common.errors import install_error_handlers
 from ragline_common.logs import configure_logging
-from ragline_common.middleware import RequestContextMiddleware
+from ragline_common.middleware import InternalErrorMiddleware, RequestContextMiddleware
 from ragline_common.responses import JsonResponse
 from ragline_common.settings import ServiceSettings
 
@@ -38,6 +38,7 @@ def create_app(title: str, lifespan: Lifespan | None = None) -> FastAPI:
     # True from the first SIGTERM on: /readyz answers 503 (see `DrainingServer`).
     app.state.draining = False
     install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)  # added first: the innermost
     Instrumentator(
         should_group_status_codes=False,
         should_exclude_streaming_duration=True,

@@ -1,5 +1,6 @@
 """`python -m ragline_gateway` serves the gateway with settings from the environment."""
 
+from ragline_common.logs import configure_logging
 from ragline_common.service import serve
 from ragline_gateway.app import build_app
 from ragline_gateway.settings import GatewaySettings
@@ -7,6 +8,7 @@ from ragline_gateway.settings import GatewaySettings
 
 def main() -> None:
     settings = GatewaySettings()
+    configure_logging("gateway", settings.log_level)  # so key loading logs as JSON too
     try:
         app = build_app(settings)
     except ValueError as exc:  # no keys, or a keys file that does not validate

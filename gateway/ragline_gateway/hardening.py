@@ -6,10 +6,12 @@ All pure ASGI (never BaseHTTPMiddleware, which buffers streams).
 
 from __future__ import annotations
 
+import orjson
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ragline_common.errors import error_body
 from ragline_gateway.settings import GatewaySettings
 
 SECURITY_HEADERS = [
@@ -41,9 +43,46 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+class PayloadTooLargeEnvelope:
+    """Starlette's body limit answers a declared Content-Length over the limit with its own
+    text/plain 413, in place of whatever the app answered: give that one the envelope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_envelope(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                headers = message.get("headers", [])
+                if not any(k == b"content-type" and v.startswith(b"application/json")
+                           for k, v in headers):  # fmt: skip
+                    replaced = True
+                    body = orjson.dumps(
+                        error_body("payload_too_large", "the request body is too large")
+                    )
+                    kept = [(k, v) for k, v in headers
+                            if k not in (b"content-type", b"content-length")]  # fmt: skip
+                    kept += [(b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode())]  # fmt: skip
+                    await send({**message, "headers": kept})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if not replaced:
+                await send(message)
+
+        await self.app(scope, receive, send_envelope)
+
+
 def install_hardening(app: FastAPI, settings: GatewaySettings) -> None:
     """Body limits are per router (app.py: FastAPI's `max_body_size`, a 413 before the
     body is read past the limit, chunked or not)."""
+    app.add_middleware(PayloadTooLargeEnvelope)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

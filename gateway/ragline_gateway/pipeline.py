@@ -310,8 +310,11 @@ class AnswerPipeline:
             )
         except UpstreamError as exc:
             metrics.UPSTREAM_ERRORS.labels("llm").inc()
-            if exc.status == 400:
-                raise ApiError(400, exc.error_code or "bad_request", exc.error_message) from exc
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                # The request itself was refused: retrying it would not help.
+                raise ApiError(
+                    exc.status, exc.error_code or "bad_request", exc.error_message
+                ) from exc
             raise ApiError(
                 503, "generation_unavailable",
                 "the answer generator is unavailable; please retry shortly",

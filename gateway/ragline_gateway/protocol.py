@@ -3,16 +3,31 @@ chat request with ragline's optional extra fields."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from ragline_common.wire import DOC_ID_PATTERN, CollectionName, Filters
 
 ConversationId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN)]
 
 
-class ChatRequest(BaseModel):
+class EncodableRequest(BaseModel):
+    """JSON may spell a lone UTF-16 surrogate (`"\\ud800"`), which Python accepts as a
+    str but no UTF-8 encoder does: refuse it here (422) rather than fail (500) when the
+    question is sent on to the upstream services."""
+
+    @model_validator(mode="after")
+    def _encodable(self) -> Self:
+        try:
+            orjson.dumps(self.model_dump())
+        except TypeError:
+            raise ValueError("the request holds text that is not valid Unicode") from None
+        return self
+
+
+class ChatRequest(EncodableRequest):
     """Body of `POST /api/chat`."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -53,7 +68,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class OpenAIChatRequest(BaseModel):
+class OpenAIChatRequest(EncodableRequest):
     """OpenAI Chat Completions request. Fields that change generation in ways ragline does
     not support (n>1, tools, logprobs, ...) are refused with 400 instead of silently
     ignored; see `unsupported_fields`."""
@@ -68,7 +83,7 @@ class OpenAIChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: int | None = None  # only 1 is supported: anything else is refused as unsupported
     user: str | None = None
     # ragline extras
     collection: CollectionName | None = None
@@ -77,8 +92,11 @@ class OpenAIChatRequest(BaseModel):
     conversation_id: ConversationId | None = None
 
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI's limit too
 
     def unsupported_fields(self) -> list[str]:
         extra = self.model_extra or {}
-        return sorted(k for k, v in extra.items() if k not in IGNORED_FIELDS and v is not None)
+        fields = {k for k, v in extra.items() if k not in IGNORED_FIELDS and v is not None}
+        if self.n not in (None, 1):
+            fields.add("n")
+        return sorted(fields)

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from ragline_common.errors import ApiError
 from ragline_gateway.pipeline import Event, PreparedAnswer, Source
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
 
 
