@@ -24,12 +24,12 @@ from service_helpers import Service, assert_error, bearer, gateway_env, running_
 
 QUESTION = "How do honeybees tell each other where flowers are?"
 ENTRIES = [
-    {"id": "per-minute", "tenant": "t1", "scopes": ["chat"], "collections": ["default"],
+    {"id": "per-minute", "tenant": "limits", "scopes": ["chat"], "collections": ["default"],
      "requests_per_minute": 4, "max_streams": 0},
-    {"id": "two-streams", "tenant": "t2", "scopes": ["chat"], "collections": ["default"],
+    {"id": "two-streams", "tenant": "limits", "scopes": ["chat"], "collections": ["default"],
      "requests_per_minute": 0, "max_streams": 2},
     # Limits it never reaches, but limits: its requests go through Redis.
-    {"id": "steady", "tenant": "t3", "scopes": ["chat"], "collections": ["default"],
+    {"id": "steady", "tenant": "limits", "scopes": ["chat"], "collections": ["default"],
      "requests_per_minute": 100000, "max_streams": 100},
 ]  # fmt: skip
 
