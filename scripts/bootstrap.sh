@@ -33,7 +33,7 @@ apt_install() {
 if [ "${1:-}" = "--system" ]; then
   # chromium: the browser the web chat's tests drive through Playwright (its own browser
   # download cannot run here; tests/test_web_chat.py launches /usr/bin/chromium).
-  apt_install nginx redis-server chromium
+  apt_install nginx redis-server chromium prometheus
   # Debian enables and starts a system nginx/redis on install; the stack runs its own.
   exit 0
 fi

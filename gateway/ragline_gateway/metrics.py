@@ -42,3 +42,23 @@ REDIS_ERRORS = Counter(
 CACHE_LOOKUPS = Counter(
     "ragline_cache_lookups_total", "Answer cache lookups, by result.", ["result"]
 )
+
+# The label values known in advance are exported at 0 from the start, so that rate() and
+# the alert ratios see the first increment too (a series that is born at 1 has no "before")
+# and the dashboards show 0 rather than "no data".
+for _endpoint in ("api_chat", "openai"):
+    TIME_TO_FIRST_TOKEN.labels(_endpoint)
+for _stage in ("retrieve", "rerank", "generate"):
+    STAGE_DURATION.labels(_stage)
+for _stage in ("lexical", "dense", "rerank", "memory", "rewrite"):
+    DEGRADED_ANSWERS.labels(_stage)
+for _upstream in ("retriever", "reranker", "llm"):
+    UPSTREAM_ERRORS.labels(_upstream)
+for _outcome in ("completed", "incomplete", "cached"):
+    ANSWERS.labels(_outcome)
+for _limit in ("rate", "streams"):
+    RATE_LIMITED.labels(_limit)
+for _result in ("hit", "miss", "error"):
+    CACHE_LOOKUPS.labels(_result)
+for _use in ("rate_limit", "memory", "cache"):
+    REDIS_ERRORS.labels(_use)

@@ -244,6 +244,7 @@ class AnswerPipeline:
         except Exception as exc:  # Redis down or slow: answer without memory
             log.warning("memory unavailable, answering without history", extra={"error": repr(exc)})
             degraded.append("memory")
+            metrics.REDIS_ERRORS.labels("memory").inc()
             return []
         return fit_history(loaded, budget)
 
@@ -398,6 +399,9 @@ class AnswerPipeline:
                     parts.append(item.text)
                     yield "token", item.text
             completed = True
+            metrics.STAGE_DURATION.labels("generate").observe(
+                time.perf_counter() - p.started - p.timings["prepare_ms"] / 1000
+            )
             answer = "".join(parts)
             self._finish(p, answer)  # step 6 starts before `done`: read-your-writes
             # Stored before `done` (bounded by the Redis timeout): a client that repeats the
@@ -491,6 +495,7 @@ class AnswerPipeline:
             with anyio.fail_after(self.settings.redis_timeout_s * 4):
                 await self.memory.append(memory_id, turn, self.settings.history_turns)
         except Exception as exc:
+            metrics.REDIS_ERRORS.labels("memory").inc()
             log.warning("could not store conversation turn", extra={"error": repr(exc)})
 
     async def _cache_put(self, key: str, answer: CachedAnswer) -> None:
@@ -499,4 +504,5 @@ class AnswerPipeline:
             with anyio.fail_after(self.settings.redis_timeout_s):
                 await self.cache.put(key, answer)
         except Exception as exc:
+            metrics.REDIS_ERRORS.labels("cache").inc()
             log.warning("could not store the answer in the cache", extra={"error": repr(exc)})

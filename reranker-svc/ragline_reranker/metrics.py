@@ -51,3 +51,9 @@ PAIRS = Counter("ragline_rerank_pairs_total", "Pairs scored")
 QUEUE_PAIRS = Gauge(
     "ragline_rerank_queue_pairs", "Pairs admitted and not yet in a forward pass (queue bound)"
 )
+
+# Known label values exported at 0 from the start, so that rate() sees the first increment.
+for _outcome in ("ok", "overloaded", "cancelled", "error"):
+    REQUESTS.labels(_outcome)
+for _reason in ("full", "no_more_expected", "deadline"):
+    FLUSHES.labels(_reason)

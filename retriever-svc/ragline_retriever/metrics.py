@@ -46,3 +46,9 @@ JOBS = Counter(
     "Ingest jobs that finished, by final status.",
     ["status"],
 )
+
+# Known label values exported at 0 from the start, so that rate() sees the first increment.
+for _role in ("lexical", "dense"):
+    DEGRADED.labels(_role)
+    WRITE_FAILURES.labels(_role)
+    WRITES_REPLAYED.labels(_role)
