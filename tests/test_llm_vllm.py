@@ -10,6 +10,8 @@ the answer.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -37,6 +39,7 @@ from ragline_llm.engines.vllm_engine import (
 from ragline_llm.settings import LlmSettings
 
 from service_helpers import (
+    Service,
     assert_error,
     lower_session_priority,
     metric,
@@ -177,7 +180,7 @@ def llm_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama: Path, llm_log_dir: Path) -> Iterator[str]:
+def llm_service(tiny_llama: Path, llm_log_dir: Path) -> Iterator[Service]:
     env = {
         "RAGLINE_LLM_ENGINE": "vllm",
         "RAGLINE_LLM_VLLM_MODEL": str(tiny_llama),
@@ -194,7 +197,12 @@ def llm(tiny_llama: Path, llm_log_dir: Path) -> Iterator[str]:
     ) as svc:
         assert svc.proc.proc is not None
         lower_session_priority(svc.proc.proc.pid)
-        yield svc.url
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def llm(llm_service: Service) -> str:
+    return llm_service.url
 
 
 @pytest.fixture()
@@ -484,3 +492,39 @@ class TestLlmSvcOnVllm:
         done = events[-1].data
         assert done["cached"] is False
         assert done["usage"]["completion_tokens"] >= 1
+
+    # Last in the class: it kills the engine the module's other tests share.
+    def test_a_dead_engine_fails_liveness(self, llm_service: Service) -> None:
+        """vLLM never restarts a failed engine core, so llm-svc must stop looking alive:
+        /healthz turns 503 and a liveness probe restarts the pod."""
+        llm = llm_service.url
+        assert httpx.get(f"{llm}/healthz", timeout=10).status_code == 200
+        assert llm_service.proc.proc is not None
+        children = child_pids(llm_service.proc.proc.pid)
+        assert children, "vLLM's engine core runs in a child process"
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        poll(lambda: httpx.get(f"{llm}/healthz", timeout=10).status_code == 503, 60,
+             "/healthz 503 after the engine core died")  # fmt: skip
+        r = httpx.get(f"{llm}/healthz", timeout=10)
+        assert r.json()["error"]["code"] == "broken"
+        assert httpx.get(f"{llm}/readyz", timeout=10).status_code == 503
+
+
+def child_pids(parent: int) -> list[int]:
+    """Every descendant of `parent`, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [parent]
+    while frontier:
+        current = frontier.pop()
+        kids = [pid for pid, ppid in parents.items() if ppid == current]
+        found += kids
+        frontier += kids
+    return found

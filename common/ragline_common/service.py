@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 from uvicorn.config import STARTUP_FAILURE
 
-from ragline_common.errors import install_error_handlers
+from ragline_common.errors import error_response, install_error_handlers
 from ragline_common.logs import configure_logging
 from ragline_common.middleware import InternalErrorMiddleware, RequestContextMiddleware
 from ragline_common.responses import JsonResponse
@@ -47,8 +47,14 @@ def create_app(title: str, lifespan: Lifespan | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
 
     @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz() -> JsonResponse:
+        """Alive unless the service says it cannot recover without a restart
+        (`app.state.broken`: a reason, or empty), so a liveness probe restarts it."""
+        broken = getattr(app.state, "broken", None)
+        reason = broken() if callable(broken) else ""
+        if reason:
+            return error_response(503, "broken", reason)
+        return JsonResponse({"status": "ok"})
 
     return app
 

@@ -25,6 +25,8 @@ def build_app(settings: LlmSettings | None = None) -> FastAPI:
         engine = build_engine(settings)
         await engine.start()
         app.state.serving = ChatServing(engine, settings)
+        # A dead engine fails /healthz too, so the liveness probe restarts the pod.
+        app.state.broken = lambda: "the generation engine died; restart" if engine.dead else ""
         log.info("llm engine ready", extra={"engine": engine.name, "model": engine.model_name})
         try:
             yield

@@ -63,6 +63,11 @@ class Engine(Protocol):
     @property
     def ready(self) -> bool: ...
 
+    @property
+    def dead(self) -> bool:
+        """Started once and failed for good: only a restart brings it back (liveness)."""
+        ...
+
     def unfinished_requests(self) -> int:
         """Generations the engine holds right now (running or queued). Exported as the
         `ragline_llm_engine_requests` gauge, so that it can be seen that a client that

@@ -125,6 +125,10 @@ class ExtractiveEngine:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def dead(self) -> bool:
+        return False  # nothing in it can fail for good
+
     def unfinished_requests(self) -> int:
         return self._active
 

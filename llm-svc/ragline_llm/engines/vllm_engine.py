@@ -134,6 +134,11 @@ class VllmEngine:
     def ready(self) -> bool:
         return self._engine is not None and not self._engine.errored
 
+    @property
+    def dead(self) -> bool:
+        # vLLM does not restart a failed engine core; its front end stays errored.
+        return self._engine is not None and bool(self._engine.errored)
+
     def unfinished_requests(self) -> int:
         """Requests vLLM's front end tracks; an abort removes its request at once."""
         return 0 if self._engine is None else int(self._engine.get_num_unfinished_requests())
