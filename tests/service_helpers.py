@@ -4,11 +4,11 @@ the error envelope every service answers with."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ragline_cli.processes import ManagedProcess, free_port, http_ready, python_service
 
 JSON_HEADERS = {"content-type": "application/json"}
+T = TypeVar("T")
 
 
 @dataclass
@@ -149,3 +150,16 @@ def chat_events(url: str, body: dict[str, Any], key: str | None = None) -> list[
 def event(events: list[Any], name: str) -> Any:
     """The data of the first event called `name`."""
     return next(e.data for e in events if e.name == name)
+
+
+def poll(check: Callable[[], T | None], within: float, what: str, interval: float = 0.05) -> T:
+    """`check()` until it returns something truthy, which is returned; fails after `within`
+    seconds saying `what` did not happen. The tests' one way to wait (never a fixed sleep)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within:.0f}s")
+        time.sleep(interval)

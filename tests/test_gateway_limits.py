@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +19,15 @@ import pytest
 from ragline_cli.processes import ManagedProcess, free_port, redis_server
 from ragline_cli.stack import Stack
 
-from service_helpers import Service, assert_error, bearer, gateway_env, running_service, write_keys
+from service_helpers import (
+    Service,
+    assert_error,
+    bearer,
+    gateway_env,
+    poll,
+    running_service,
+    write_keys,
+)
 
 QUESTION = "How do honeybees tell each other where flowers are?"
 ENTRIES = [
@@ -148,19 +155,19 @@ def test_redis_restart_under_load(setup: Setup) -> None:
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: all(200 in v for v in seen.values()), "answers before the outage")
+        poll(lambda: all(200 in v for v in seen.values()), 30, "answers before the outage")
         setup.redis.stop()
         mark = {n: len(v) for n, v in seen.items()}
-        wait_until(lambda: 503 in seen["a"][mark["a"] :], "fail closed: 503 while Redis is down")
+        poll(lambda: 503 in seen["a"][mark["a"] :], 30, "fail closed: 503 while Redis is down")
         during_open = len(seen["open"])
-        wait_until(lambda: len(seen["open"]) > during_open + 2, "fail open keeps answering")
+        poll(lambda: len(seen["open"]) > during_open + 2, 30, "fail open keeps answering")
         assert set(seen["open"][during_open:]) == {200}
 
         setup.redis.start()
         setup.redis.wait_ready(30)
         back = {n: len(v) for n, v in seen.items()}
-        wait_until(lambda: seen["a"][back["a"] :][-3:] == [200, 200, 200], "fail closed recovers")
-        wait_until(lambda: seen["open"][back["open"] :][-3:] == [200] * 3, "fail open still fine")
+        poll(lambda: seen["a"][back["a"] :][-3:] == [200, 200, 200], 30, "fail closed recovers")
+        poll(lambda: seen["open"][back["open"] :][-3:] == [200] * 3, 30, "fail open still fine")
     finally:
         stop.set()
         for t in threads:
@@ -170,15 +177,6 @@ def test_redis_restart_under_load(setup: Setup) -> None:
         assert setup.gateways[name].proc.alive()
     refused = [r for r in (ask(setup.gateways["a"].url, setup.keys["steady"]),)]
     assert refused[0].status_code == 200
-
-
-def wait_until(check: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def test_fail_closed_error_is_clear(setup: Setup, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from service_helpers import (
     chat_events,
     event,
     gateway_env,
+    poll,
     running_service,
     write_keys,
 )
@@ -206,22 +207,11 @@ def test_keys_rotate_without_a_restart(gw: Keyed) -> None:
     def status(key: str) -> int:
         return httpx.get(f"{gw.url}/v1/models", headers=bearer(key), timeout=10).status_code
 
-    wait_for(lambda: status(fresh) == 200, "the new key is accepted")
+    poll(lambda: status(fresh) == 200, 10, "the new key is accepted")
     # A broken file keeps the keys in force.
     gw.keys_path.write_text("{not json")
     assert status(fresh) == 200
     body["keys"] = [k for k in body["keys"] if k["id"] != "acme-new"]
     gw.keys_path.write_bytes(orjson.dumps(body))
-    wait_for(lambda: status(fresh) == 401, "the removed key is refused")
+    poll(lambda: status(fresh) == 401, 10, "the removed key is refused")
     assert status(gw.keys["acme-chat"]) == 200
-
-
-def wait_for(check: Any, what: str, timeout: float = 10) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what}")

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import orjson
@@ -21,12 +20,11 @@ import pytest
 
 from ragline_cli.stack import Stack
 
-from service_helpers import Service, assert_error, running_service
+from service_helpers import Service, assert_error, poll, running_service
 from sse_client import Event
 
 QUESTION = "How do honeybees tell each other where flowers are?"
 READY_TIMEOUT = 180
-T = TypeVar("T")
 
 
 def slow_llm(log_dir: Path, token_interval_ms: int) -> AbstractContextManager[Service]:
@@ -50,18 +48,6 @@ def gateway(
         "RAGLINE_GATEWAY_SHUTDOWN_GRACE_S": str(grace_s),
     }
     return running_service("gateway-drain", "ragline_gateway", env, log_dir, READY_TIMEOUT)
-
-
-def poll(check: Callable[[], T | None], within: float, what: str) -> T:
-    """`check()` until it returns something truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within:.0f}s")
-        time.sleep(0.05)
 
 
 def status_is(url: str, status: int) -> Callable[[], httpx.Response | None]:

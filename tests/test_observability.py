@@ -30,7 +30,7 @@ import yaml
 from ragline_cli.processes import ManagedProcess, free_port, http_ready
 from ragline_cli.stack import REPO_ROOT, Stack
 
-from service_helpers import metric
+from service_helpers import metric, poll
 from sse_client import Event, read_events
 
 OBS = REPO_ROOT / "deploy" / "k8s" / "observability"
@@ -346,18 +346,6 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
     return body["data"]["result"]
 
 
-def poll(check: Callable[[], Any], within: float, what: str) -> Any:
-    """`check()` until it returns something true, which is returned; fails after `within`."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within:.0f}s")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The repo's local Prometheus config on the stack's ports, scraping every second,
@@ -391,7 +379,7 @@ def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     try:
         proc.wait_ready(30)
         # The first scrape shows in queries some seconds after it happened.
-        poll(
+        poll_slowly(
             lambda: {r["metric"]["job"] for r in query(url, "up == 1")} == set(SERVICES),
             30,
             f"all four services up in Prometheus; log:\n{proc.log_tail()}",
@@ -445,7 +433,7 @@ def answer(stack: Stack, prometheus: str) -> Answer:
 
 
 def test_an_answer_shows_in_promql(prometheus: str, answer: Answer) -> None:
-    poll(
+    poll_slowly(
         lambda: [
             r
             for r in query(
@@ -464,7 +452,7 @@ def test_an_answer_shows_in_promql(prometheus: str, answer: Answer) -> None:
 
         return check
 
-    ttft = poll(
+    ttft = poll_slowly(
         finite(
             "histogram_quantile(0.95, sum by (le) "
             "(rate(ragline_time_to_first_token_seconds_bucket[1m])))"
@@ -473,7 +461,7 @@ def test_an_answer_shows_in_promql(prometheus: str, answer: Answer) -> None:
         "p95 time to first token",
     )
     assert all(v > 0 for _, v in ttft)
-    stages = poll(
+    stages = poll_slowly(
         finite(
             "histogram_quantile(0.95, sum by (le, stage) "
             "(rate(ragline_stage_duration_seconds_bucket[1m])))"
@@ -511,7 +499,7 @@ def test_alert_rules_evaluate_on_live_data(prometheus: str) -> None:
         return found if evaluated and quiet and {r["name"] for r in found} == expected else []
 
     try:
-        found = poll(settled, 30, "every rule evaluated, the stack seen up")
+        found = poll_slowly(settled, 30, "every rule evaluated, the stack seen up")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {[(r['name'], r['state']) for r in rules()]}") from None
     assert all(r["health"] == "ok" for r in found), [(r["name"], r.get("lastError")) for r in found]
@@ -569,3 +557,8 @@ def test_dashboard_queries_run_in_prometheus(prometheus: str) -> None:
             assert "$" not in filled, f"{file}: unknown variable in {expr}"
             response = httpx.get(f"{prometheus}/api/v1/query", params={"query": filled}, timeout=10)
             assert response.status_code == 200, f"{file}: {expr}: {response.text}"
+
+
+def poll_slowly(check: Callable[[], Any], within: float, what: str) -> Any:
+    """`poll` at Prometheus's pace: a query every half second."""
+    return poll(check, within, what, interval=0.5)

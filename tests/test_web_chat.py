@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import pytest
 from ragline_cli.processes import free_port, http_ready, nginx
 from ragline_cli.stack import REPO_ROOT, Stack
 
-from service_helpers import gateway_env, metric, running_service, write_keys
+from service_helpers import gateway_env, metric, poll, running_service, write_keys
 
 QUESTION = "How long does a sourdough starter take to double in volume after feeding?"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -163,14 +163,6 @@ def ingest(public_url: str, collection: str, documents: list[dict[str, Any]]) ->
         timeout=120,
     )
     assert response.status_code == 200, response.text
-
-
-def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within:.0f}s: {what}")
-        time.sleep(0.05)
 
 
 @contextmanager
@@ -316,7 +308,7 @@ def test_stop_aborts_the_answer_and_the_generation(
     assert chat.page.locator("#status").inner_text() == "Stopped."
     assert chat.page.is_disabled("#stop") and chat.page.is_enabled("#send")
 
-    wait_until(
+    poll(
         lambda: metric(llm_url, "ragline_generation_aborts_total") >= before + 1,
         30,
         "llm-svc counted the aborted generation",
