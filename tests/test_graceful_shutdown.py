@@ -62,12 +62,13 @@ def status_is(url: str, status: int) -> Callable[[], httpx.Response | None]:
 
 
 def refused(url: str) -> Callable[[], bool]:
-    """True once nothing listens at `url` any more (connection refused)."""
+    """True once nothing listens at `url` any more: connection refused, or a connection
+    that the kernel had queued just before the listener closed and then reset."""
 
     def check() -> bool:
         try:
             httpx.get(url, timeout=5)
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
             return True
         return False
 
