@@ -26,9 +26,8 @@ from ragline_gateway.metrics import ACTIVE_STREAMS
 class Ticket:
     """Held for the life of one answer; `release` is idempotent."""
 
-    def __init__(self, admission: Admission, caller: Caller, lease: Lease | None) -> None:
+    def __init__(self, admission: Admission, lease: Lease | None) -> None:
         self.admission = admission
-        self.caller = caller
         self.lease = lease
         self.released = False
 
@@ -71,7 +70,7 @@ class Admission:
             )  # fmt: skip
         self.inflight += 1
         ACTIVE_STREAMS.inc()
-        ticket = Ticket(self, caller, None)
+        ticket = Ticket(self, None)
         try:
             ticket.lease = await self.limiter.acquire(caller, stream=True)
         except BaseException:

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -124,7 +124,6 @@ class Caller:
     requests_per_minute: int
     max_streams: int
     default: str = ""  # the collection used when a request names none
-    anonymous: bool = field(default=False, compare=False)
 
     def may_read(self, collection: str) -> bool:
         return any(_matches(p, collection) for p in self.collections)
@@ -241,7 +240,6 @@ class Authenticator:
                 requests_per_minute=requests_per_minute,
                 max_streams=max_streams,
                 default=default_collection,
-                anonymous=True,
             )
             log.warning("no API keys configured: every request is anonymous, with admin rights")
         else:
