@@ -8,7 +8,8 @@ tokenization:
 - `request by request`: one request at a time, its pairs sorted by length and cut by the
   token budget (`CrossEncoderScorer.score`): batching inside a request only;
 - `micro-batched`: `--concurrency` callers at once through `MicroBatcher`, the service's
-  batcher: passes are shared across requests under the token budget.
+  batcher: passes are shared across requests under the token budget. A comma-separated
+  list (`--concurrency 1,8,32`) runs it once per value, all the same requests.
 
 Ratios are against `pair by pair`. Also printed: forward passes, pairs and padded/real
 tokens per pass, and the micro-batched request latency (p50/p95).
@@ -118,7 +119,10 @@ def request_by_request(scorer: CrossEncoderScorer, requests: list[list[Pair]]) -
 
 
 def micro_batched(
-    scorer: CrossEncoderScorer, requests: list[list[Pair]], args: argparse.Namespace
+    scorer: CrossEncoderScorer,
+    requests: list[list[Pair]],
+    args: argparse.Namespace,
+    concurrency: int,
 ) -> dict[str, Any]:
     lengths: list[list[int]] = []
     forward = scorer.forward
@@ -136,7 +140,7 @@ def micro_batched(
             max_wait_ms=args.max_wait_ms,
         )
         batcher.start()
-        gate = asyncio.Semaphore(args.concurrency)
+        gate = asyncio.Semaphore(concurrency)
         latencies: list[float] = []
 
         async def one(request: list[Pair]) -> None:
@@ -182,7 +186,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--docs", type=int, default=50, help="passages per request")
     parser.add_argument("--words", default="20-120", help="passage length range in words")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--concurrency", default="16", help="callers at once; a list (1,8,32) runs each"
+    )
     parser.add_argument(
         "--max-batch-tokens", type=int, default=None, help="default: the service's for the device"
     )
@@ -194,6 +200,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     low, high = (int(x) for x in args.words.split("-"))
+    concurrencies = [int(x) for x in str(args.concurrency).split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
         print(f"loading {args.model} ...", file=sys.stderr)
@@ -206,8 +213,15 @@ def main() -> None:
     runs = {"pair by pair": pair_by_pair(scorer, all_pairs[: args.unbatched_pairs])}
     print("request by request ...", file=sys.stderr)
     runs["request by request"] = request_by_request(scorer, requests)
-    print("micro-batched ...", file=sys.stderr)
-    runs["micro-batched"] = micro_batched(scorer, requests, args)
+    for concurrency in concurrencies:
+        name = (
+            "micro-batched"
+            if len(concurrencies) == 1
+            else f"batched, {concurrency} caller{'s' * (concurrency > 1)}"
+        )
+        print(f"{name} ...", file=sys.stderr)
+        runs[name] = micro_batched(scorer, requests, args, concurrency)
+        runs[name]["concurrency"] = concurrency
     base = runs["pair by pair"]["pairs"] / runs["pair by pair"]["seconds"]
     for run in runs.values():
         run["pairs_per_s"] = run["pairs"] / run["seconds"]
@@ -225,7 +239,7 @@ def main() -> None:
         "requests": args.requests,
         "docs": args.docs,
         "words": args.words,
-        "concurrency": args.concurrency,
+        "concurrency": concurrencies,
         "max_batch_tokens": scorer.max_batch_tokens,
         "max_batch_pairs": args.max_batch_pairs,
         "max_wait_ms": args.max_wait_ms,
@@ -235,22 +249,25 @@ def main() -> None:
         return
     print(" ".join(f"{k}={v}" for k, v in setup.items()))
     print(
-        f"{'mode':<20}{'pairs':>7}{'pairs/s':>10}{'x unbatched':>13}{'passes':>8}{'pairs/pass':>12}"
+        f"{'mode':<26}{'pairs':>7}{'pairs/s':>10}{'x unbatched':>13}{'passes':>8}"
+        f"{'pairs/pass':>12}{'request p50/p95 ms':>20}"
     )
     for name, run in runs.items():
+        latency = (
+            f"{run['latency_p50_ms']:.0f} / {run['latency_p95_ms']:.0f}"
+            if "latency_p50_ms" in run
+            else ""
+        )
         print(
-            f"{name:<20}{run['pairs']:>7}{run['pairs_per_s']:>10.1f}{run['ratio']:>13.2f}"
-            f"{run['passes']:>8}{run['pairs_per_pass']:>12.1f}"
+            f"{name:<26}{run['pairs']:>7}{run['pairs_per_s']:>10.1f}{run['ratio']:>13.2f}"
+            f"{run['passes']:>8}{run['pairs_per_pass']:>12.1f}{latency:>20}"
         )
-    mb = runs["micro-batched"]
-    p50, p95 = mb["latency_p50_ms"], mb["latency_p95_ms"]
-    extra = f"micro-batched latency p50 {p50:.0f} ms, p95 {p95:.0f} ms"
-    if "padded_tokens_per_pass" in mb:
-        extra += (
-            f"; tokens per pass {mb['real_tokens_per_pass']:.0f} real / "
-            f"{mb['padded_tokens_per_pass']:.0f} padded"
-        )
-    print(extra)
+    for name, mb in runs.items():
+        if "padded_tokens_per_pass" in mb:
+            print(
+                f"{name}: tokens per pass {mb['real_tokens_per_pass']:.0f} real / "
+                f"{mb['padded_tokens_per_pass']:.0f} padded"
+            )
 
 
 if __name__ == "__main__":

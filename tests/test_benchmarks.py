@@ -1,16 +1,22 @@
-"""The retrieval benchmark runs end to end at a small size, so that it cannot rot unnoticed.
+"""The benchmarks run end to end at a small size, so that they cannot rot unnoticed.
 
-It runs as a subprocess, exactly as documented, and only checks that the report has its
-parts and that the figures are sane; it asserts nothing about speed.
+They run as subprocesses, exactly as documented, and only check that the reports have
+their parts and that the figures are sane; nothing here asserts anything about speed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from ragline_common.wire import ChatMessage
+from ragline_llm.engines.base import GenerationDelta, GenerationRequest
+from ragline_llm.engines.fixed import FixedEngine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "retrieval_scale.py"
@@ -85,3 +91,76 @@ def test_retrieval_scale_benchmark_reports_sane_figures(tmp_path: Path) -> None:
 
     assert report["memory"]["peak_rss_mib"] > 0
     assert report["disk_mib"]["tantivy"] > 0 and report["disk_mib"]["milvus_lite"] > 0
+
+
+GATEWAY_BENCH = REPO_ROOT / "benchmarks" / "gateway_bench.py"
+
+
+def test_gateway_benchmark_smoke_runs_and_prints_its_tables(tmp_path: Path) -> None:
+    """`gateway_bench.py --smoke` starts its own small stack (fixed engine) and runs every
+    part at toy sizes; speed is not judged here, only that each part ran cleanly."""
+    command = [sys.executable, str(GATEWAY_BENCH), "--smoke", "--work-dir", str(tmp_path), "--json"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"benchmark failed:\n{done.stderr[-6000:]}"
+    report: dict[str, Any] = json.loads(done.stdout)
+
+    assert report["machine"]["cpu_count"] >= 1
+    rows = report["overhead"]
+    assert {(r["streams"], r["path"]) for r in rows} == {
+        (n, path) for n in (1, 4) for path in ("direct", "gateway", "nginx")
+    }
+    for row in rows:
+        assert row["errors"] == 0 and row["degraded"] == 0, row
+        assert 0 < row["ttft_ms"]["p50"] <= row["ttft_ms"]["p99"]
+    relay = report["relay"]
+    for run in relay["runs"]:
+        assert run["errors"] == 0
+        assert run["tokens_relayed"] == run["answers"] * run["tokens_per_answer"]
+        assert run["us_per_token"]["gateway"] >= 0
+    for via in ("gateway", "llm"):
+        steps = report["streams"][via]
+        assert [s["streams"] for s in steps] == [5, 10]
+        assert all(s["errors"] == 0 and s["added_delay_ms"]["n"] > 0 for s in steps)
+    for path in ("nginx", "gateway"):
+        cache = report["cache"][path]
+        assert cache["errors"] == 0 and cache["not_cached"] == 0
+        assert cache["hit_done_ms"]["n"] == 10
+
+    # The text report of the same run prints every table.
+    text = subprocess.run(
+        [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
+         "import gateway_bench as g; g.print_report(json.load(sys.stdin))",
+         str(GATEWAY_BENCH.parent)],
+        input=done.stdout, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-3000:]
+    for title in ("1. Time to first token", "2. Relay cost", "3. Open streams", "4. Cache hits"):
+        assert title in text.stdout
+
+
+def test_fixed_engine_streams_n_words_on_a_fixed_schedule() -> None:
+    """The benchmarks' engine: `tokens` words whatever the prompt, token i due i intervals
+    after the first, fewer (`length`) when max_tokens is lower."""
+
+    async def run(max_tokens: int) -> tuple[list[GenerationDelta], list[float]]:
+        engine = FixedEngine("bench", tokens=5, token_interval_ms=20)
+        await engine.start()
+        request = GenerationRequest(
+            "id", [ChatMessage(role="user", content="anything at all")], max_tokens
+        )
+        deltas, times = [], []
+        async for delta in engine.stream(request):
+            deltas.append(delta)
+            times.append(time.perf_counter())
+        assert engine.unfinished_requests() == 0
+        return deltas, times
+
+    deltas, times = asyncio.run(run(100))
+    assert "".join(d.text for d in deltas) == "token token token token token"
+    assert [d.finish_reason for d in deltas] == [None] * 5 + ["stop"]
+    assert deltas[-1].completion_tokens == 5
+    assert times[4] - times[0] >= 4 * 0.020 - 0.002  # on schedule, never early
+
+    deltas, _ = asyncio.run(run(2))
+    assert [d.text for d in deltas] == ["token", " token", ""]
+    assert deltas[-1].finish_reason == "length"

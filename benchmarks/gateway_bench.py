@@ -1,0 +1,761 @@
+"""Is the gateway nearly free, and are the models fed well? Four measurements on a live stack.
+
+It starts the whole local stack (`ragline_cli.stack.Stack`: redis-server, nginx, the four
+services as their own processes) on free loopback ports, with llm-svc on the `fixed`
+engine (`RAGLINE_LLM_ENGINE=fixed`: N fixed tokens at a fixed interval, no work) and
+reranker-svc on a tiny random-weight cross-encoder, ingests a small synthetic collection,
+and measures, each figure beside its baseline from the same run:
+
+1. `overhead`: time to first token (TTFT) through nginx + gateway, straight to the gateway,
+   and done by the client itself against the services the gateway waits on (retriever
+   `/v1/retrieve`, reranker `/v1/rerank`, the same prompt, llm-svc streaming), at each
+   `--concurrency` (closed loop: every stream is followed at once by the next; starts
+   are spread over one stream's length). TTFT runs from just before the first request
+   byte to the arrival of the first token in the body. Paths alternate by rounds.
+2. `relay`: CPU the gateway spends per token relayed (utime + stime from /proc, before
+   and after), with many concurrent streams through nginx, at two answer lengths: the
+   difference between them is the cost of a token without the per-request part.
+3. `streams`: open streams held by one gateway worker (clients straight to the gateway),
+   stepped up through `--streams`, each a token every 100 ms; per step the added
+   inter-token delay (gap minus the interval) p50/p99, errors, and RSS growth per open
+   stream of a freshly started gateway; beside it the same steps straight to llm-svc (the
+   control: what the fixed engine, the client and the machine add without the gateway).
+4. `cache`: with the answer cache on (the gateway restarted with `CACHE_TTL_S=3600`), the
+   same question asked again and again through nginx, timed to the `done` event.
+
+Everything but `cache` runs with the answer cache off (`CACHE_TTL_S=0`), no rate limits
+(`REQUESTS_PER_MINUTE=0`, `MAX_STREAMS_PER_KEY=0`) and anonymous access (a Stack without a
+keys file sets `ALLOW_ANONYMOUS=true`); the stream bounds (`MAX_INFLIGHT_STREAMS`,
+`UPSTREAM_POOL_SIZE`, llm-svc's `MAX_CONCURRENCY`, the reranker's queue) are raised above
+the largest step so that nothing is refused. The client is this process (Python, uvloop,
+raw asyncio streams, see streamclient.py); it shares the cores with the stack, so its
+own CPU is reported beside the services'.
+
+Run from the repository root (progress on stderr, tables or `--json` on stdout):
+
+    .venv/bin/python benchmarks/gateway_bench.py
+    .venv/bin/python benchmarks/gateway_bench.py --only overhead --concurrency 1,100
+    .venv/bin/python benchmarks/gateway_bench.py --smoke      # seconds: CI's check that it runs
+
+A full run takes about 12 minutes on 2 cores. Do not run it beside other heavy work (a
+test suite, another benchmark): the services and the client share the cores, and the
+figures would measure the neighbour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procstat import CpuMeter, machine, rss_bytes
+from streamclient import (
+    Pool,
+    Result,
+    Upstreams,
+    ask_direct,
+    ask_native,
+    call_json,
+    stream_llm,
+)
+
+from ragline_cli.processes import ManagedProcess, free_port
+from ragline_cli.stack import Stack, StackConfig
+from ragline_common.passages import Passage
+from ragline_gateway.prompt import build_messages
+
+COLLECTION = "bench"
+MAX_TOKENS = 8192  # the gateway's MAX_TOKENS: the fixed engine's count decides the length
+SERVICES = ("nginx", "gateway", "retriever", "reranker", "llm", "redis")
+
+TOPICS = [
+    ("Honeybee dances", "Forager honeybees dance on the comb to tell nestmates the direction "
+     "and distance of flowers: the angle of the waggle run against vertical is the angle of "
+     "the food source against the sun, and its length grows with the distance."),
+    ("Tardigrade tuns", "Tardigrades survive drying by curling into a tun: they lose almost "
+     "all their water, slow their metabolism to near zero, and protect their cells with "
+     "sugars and disordered proteins until water returns."),
+    ("Sourdough starters", "A sourdough starter is a culture of wild yeasts and lactic acid "
+     "bacteria in flour and water; fed daily it doubles within hours, and its acids give "
+     "the bread its sour taste and keep it fresh longer."),
+    ("The lighthouse of Alexandria", "The Pharos of Alexandria, built in the third century "
+     "BC, stood about a hundred metres tall and guided ships into the harbour with a fire "
+     "and mirrors until earthquakes toppled it in the Middle Ages."),
+    ("Rust ownership", "In Rust every value has one owner; moving a value transfers "
+     "ownership, borrowing lends it without transfer, and the borrow checker rejects "
+     "programs in which a reference could outlive the value it points to."),
+    ("Tides", "Tides rise and fall twice a day because the Moon's gravity pulls the ocean "
+     "into two bulges, one facing the Moon and one opposite, that the Earth turns under."),
+    ("Espresso", "Espresso forces water at about nine bars through finely ground coffee in "
+     "twenty to thirty seconds, which extracts oils and makes the crema on top."),
+    ("Glaciers", "Glaciers flow because ice under its own weight deforms and slides on "
+     "meltwater at its base, carving U-shaped valleys as it moves downhill."),
+]  # fmt: skip
+QUESTIONS = [
+    "How do honeybees tell each other where flowers are?",
+    "How does a tardigrade survive drying out?",
+    "What is in a sourdough starter?",
+    "How tall was the lighthouse of Alexandria?",
+    "What does the borrow checker in Rust do?",
+    "Why are there two tides a day?",
+    "How is espresso made?",
+    "Why do glaciers flow?",
+    "What does the angle of the waggle run mean?",
+    "What protects tardigrade cells?",
+    "Why does sourdough bread taste sour?",
+    "What toppled the Pharos of Alexandria?",
+    "What happens when a value is moved in Rust?",
+    "What pulls the ocean into bulges?",
+    "What makes the crema on espresso?",
+    "What shape of valley does a glacier carve?",
+]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1), linear between closest ranks; None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def per(cpu: dict[str, float], scale: float) -> dict[str, float]:
+    """CPU seconds per process (not the wall clock), times `scale`."""
+    return {k: v * scale for k, v in cpu.items() if k != "wall"}
+
+
+def summary(values: list[float]) -> dict[str, float | int | None]:
+    return {"n": len(values), "p50": pct(values, 0.5), "p99": pct(values, 0.99),
+            "max": max(values) if values else None}  # fmt: skip
+
+
+# --- the stack ---------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Sizes; `--smoke` shrinks them to seconds."""
+
+    concurrency: tuple[int, ...] = (1, 100, 1000)
+    rate: float = 50.0  # answers started per second aimed at, under load (sets stream length)
+    overhead_tokens: int = 20
+    single_requests: int = 200  # at one stream: answers per path and round
+    requests_per_worker: int = 3
+    rounds: int = 2  # at 1,000 streams and more: one round (a phase lasts a minute)
+    relay_streams: int = 200
+    relay_interval_ms: float = 40.0
+    relay_tokens: tuple[int, int] = (10, 250)
+    relay_requests: tuple[int, int] = (5, 1)  # per worker, short and long answers
+    stream_steps: tuple[int, ...] = (250, 500, 750, 1000, 1500, 2000)
+    stream_interval_ms: float = 100.0
+    open_rate: float = 100.0  # streams opened per second while stepping up
+    settle_s: float = 3.0
+    hold_s: float = 10.0
+    drain_s: float = 5.0  # after closing the held streams, before the next part
+    warmup: int = len(QUESTIONS)  # answers per path before measuring
+    cache_asks: int = 300
+    # reranker-svc's scorer: a 2-layer random-weight cross-encoder built for the run
+    # (cheap, so the stages stay small beside the gateway), or the packaged bi-encoder
+    # fallback (nothing to build: the smoke run starts sooner).
+    tiny_reranker: bool = True
+
+
+SMOKE = Plan(
+    concurrency=(1, 4),
+    rate=200.0,
+    overhead_tokens=4,
+    single_requests=10,
+    requests_per_worker=2,
+    rounds=1,
+    relay_streams=4,
+    relay_interval_ms=5.0,
+    relay_tokens=(4, 20),
+    relay_requests=(2, 1),
+    stream_steps=(5, 10),
+    open_rate=50.0,
+    settle_s=0.3,
+    hold_s=0.8,
+    drain_s=0.3,
+    warmup=2,
+    cache_asks=10,
+    tiny_reranker=False,
+)
+
+
+class BenchStack:
+    """The Stack, plus restarting one service with other settings (nginx and the other
+    services keep running; the gateway's pools reconnect)."""
+
+    def __init__(self, work: Path, plan: Plan) -> None:
+        self.work = work
+        biggest = max([*plan.concurrency, *plan.stream_steps, plan.relay_streams])
+        headroom = str(max(4096, 2 * biggest + 64))
+        reranker_model = work / "tiny-cross-encoder"
+        if plan.tiny_reranker and not reranker_model.exists():
+            subprocess.run(
+                [sys.executable, "-c",
+                 "import sys, pathlib; from ragline_reranker.tiny import "
+                 "build_tiny_cross_encoder as b; b(pathlib.Path(sys.argv[1]))",
+                 str(reranker_model)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        self.config = StackConfig(
+            run_dir=work / "run",
+            data_dir=work / "data",
+            nginx_port=free_port(),
+            gateway_port=free_port(),
+            retriever_port=free_port(),
+            reranker_port=free_port(),
+            llm_port=free_port(),
+            redis_port=free_port(),
+            extra_env={
+                "llm": {
+                    "RAGLINE_LLM_ENGINE": "fixed",
+                    "RAGLINE_LLM_FIXED_TOKENS": "16",
+                    "RAGLINE_LLM_TOKEN_INTERVAL_MS": "5",
+                    "RAGLINE_LLM_MAX_CONCURRENCY": headroom,
+                    "RAGLINE_LLM_MAX_TOKENS_LIMIT": str(MAX_TOKENS),
+                },
+                "gateway": {
+                    "RAGLINE_GATEWAY_CACHE_TTL_S": "0",
+                    "RAGLINE_GATEWAY_REQUESTS_PER_MINUTE": "0",
+                    "RAGLINE_GATEWAY_MAX_STREAMS_PER_KEY": "0",
+                    "RAGLINE_GATEWAY_MAX_INFLIGHT_STREAMS": headroom,
+                    "RAGLINE_GATEWAY_UPSTREAM_POOL_SIZE": headroom,
+                    "RAGLINE_GATEWAY_MAX_TOKENS": str(MAX_TOKENS),
+                },
+                "reranker": {
+                    "RAGLINE_RERANKER_MODEL": str(reranker_model) if plan.tiny_reranker else "",
+                    "RAGLINE_RERANKER_MAX_QUEUE_PAIRS": str(int(headroom) * 64),
+                },
+            },
+        )
+        missing = self.config.missing_binaries()
+        if missing:
+            raise SystemExit(f"{' and '.join(missing)} not installed (`make test` installs them)")
+        self.stack = Stack(self.config)
+        self.engine: tuple[int, float] | None = None
+
+    def start(self) -> None:
+        self.stack.start()
+        c = self.config
+        docs = [{"id": f"doc{i}", "title": title, "text": text}
+                for i, (title, text) in enumerate(TOPICS)]  # fmt: skip
+        httpx.post(
+            f"http://127.0.0.1:{c.nginx_port}/api/collections/{COLLECTION}/documents",
+            json={"documents": docs},
+            timeout=120,
+        ).raise_for_status()
+
+    def stop(self) -> None:
+        self.stack.stop()
+
+    def pid(self, name: str) -> int:
+        proc = self.stack.processes[name].proc
+        assert proc is not None
+        return proc.pid
+
+    def pids(self) -> dict[str, int]:
+        return {name: self.pid(name) for name in SERVICES if name in self.stack.processes}
+
+    def restart(self, name: str, env: dict[str, str]) -> None:
+        old = self.stack.processes[name]
+        old.stop()
+        new = ManagedProcess(old.name, old.argv, old.log_path, {**old.env, **env}, old.ready)
+        self.stack.processes[name] = new.start()
+        new.wait_ready(self.config.ready_timeout_s)
+
+    def fixed_engine(self, tokens: int, interval_ms: float) -> None:
+        if self.engine == (tokens, interval_ms):
+            return
+        self.engine = (tokens, interval_ms)
+        log(f"llm-svc: fixed engine, {tokens} tokens every {interval_ms:g} ms")
+        self.restart(
+            "llm",
+            {"RAGLINE_LLM_FIXED_TOKENS": str(tokens),
+             "RAGLINE_LLM_TOKEN_INTERVAL_MS": f"{interval_ms:g}"},
+        )  # fmt: skip
+
+    def pool(self, name: str) -> Pool:
+        port = {
+            "nginx": self.config.nginx_port,
+            "gateway": self.config.gateway_port,
+            "retriever": self.config.retriever_port,
+            "reranker": self.config.reranker_port,
+            "llm": self.config.llm_port,
+        }[name]
+        return Pool("127.0.0.1", port)
+
+
+# --- running load --------------------------------------------------------------------------
+
+Ask = Callable[[int], Awaitable[Result]]
+
+
+@dataclass
+class Phase:
+    results: list[Result]
+    window: list[Result]  # those sent while every worker was busy (steady state)
+    window_s: float
+    cpu: dict[str, float]
+
+
+async def closed_loop(ask: Ask, workers: int, per_worker: int, spread_s: float,
+                      meter: CpuMeter) -> Phase:  # fmt: skip
+    """`workers` loops of `per_worker` answers each, started `spread_s / workers` apart."""
+    per_worker_results: list[list[Result]] = [[] for _ in range(workers)]
+
+    async def worker(i: int) -> None:
+        await asyncio.sleep(i * spread_s / workers)
+        for j in range(per_worker):
+            per_worker_results[i].append(await ask(i + j))
+
+    meter.start()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+    cpu = meter.stop()
+    results = [r for rs in per_worker_results for r in rs]
+    # Steady state: from the last worker's start to the first worker's last start.
+    start = t0 + spread_s * (workers - 1) / workers if workers > 1 else t0
+    end = min(rs[-1].sent for rs in per_worker_results)
+    if workers == 1:
+        return Phase(results, results, cpu["wall"], cpu)
+    return Phase(results, [r for r in results if start <= r.sent <= end], end - start, cpu)
+
+
+def ttft_ms(results: list[Result]) -> list[float]:
+    return [r.ttft_ms for r in results if r.error is None and r.ttft_ms is not None]
+
+
+def errors(results: list[Result]) -> int:
+    return sum(1 for r in results if r.error is not None or r.first_token is None)
+
+
+def first_error(results: list[Result]) -> str | None:
+    return next((r.error for r in results if r.error), None)
+
+
+# --- 1. overhead on time to first token --------------------------------------------------
+
+PATHS = {
+    "direct": "client → retriever, reranker, llm-svc",
+    "gateway": "client → gateway",
+    "nginx": "client → nginx → gateway",
+}
+
+
+def asker(path: str, up: Upstreams, pools: dict[str, Pool]) -> Ask:
+    if path == "direct":
+        return lambda i: ask_direct(up, QUESTIONS[i % len(QUESTIONS)], COLLECTION)
+    pool = pools[path]
+    return lambda i: ask_native(pool, QUESTIONS[i % len(QUESTIONS)], COLLECTION)
+
+
+async def bench_overhead(bs: BenchStack, plan: Plan) -> list[dict[str, Any]]:
+    model = (await call_json(bs.pool("llm"), "GET", "/v1/models"))["data"][0]["id"]
+    rows = []
+    for n in plan.concurrency:
+        # One answer lasts n / rate seconds under load, so that answers start at about
+        # `rate` per second whatever n is; a single stream runs short answers back to back.
+        if n == 1:
+            tokens, interval = 4, 2.0
+        else:
+            tokens = plan.overhead_tokens
+            interval = 1000.0 * n / plan.rate / tokens
+        bs.fixed_engine(tokens, interval)
+        pools = {name: bs.pool(name) for name in ("nginx", "gateway")}
+        up = Upstreams(bs.pool("retriever"), bs.pool("reranker"), bs.pool("llm"), model,
+                       max_tokens=MAX_TOKENS)  # fmt: skip
+
+        # Warm-up, all at once (one answer's time): every question on every path.
+        warm = await asyncio.gather(
+            *(asker(path, up, pools)(i) for path in PATHS for i in range(plan.warmup))
+        )
+        if errors(warm):
+            raise RuntimeError(f"warm-up failed: {first_error(warm)}")
+        spread = 0.0 if n == 1 else n / plan.rate
+        per_worker = plan.single_requests if n == 1 else plan.requests_per_worker
+        phases: dict[str, list[Phase]] = {p: [] for p in PATHS}
+        order = list(PATHS)
+        rounds = plan.rounds if n < 1000 else 1
+        for round_no in range(rounds):
+            for path in order if round_no % 2 == 0 else order[::-1]:
+                log(f"overhead: {n} streams, {path}, round {round_no + 1}/{rounds}")
+                meter = CpuMeter(bs.pids())
+                ask = asker(path, up, pools)
+                phases[path].append(await closed_loop(ask, n, per_worker, spread, meter))
+        for pools_ in (pools.values(), (up.retriever, up.reranker, up.llm)):
+            for pool in pools_:
+                pool.close()
+        for path, runs in phases.items():
+            results = [r for ph in runs for r in ph.results]
+            window = [r for ph in runs for r in ph.window]
+            cpu = {k: sum(ph.cpu[k] for ph in runs) for k in runs[0].cpu}
+            rows.append(
+                {
+                    "streams": n,
+                    "path": path,
+                    "tokens": tokens,
+                    "interval_ms": round(interval, 2),
+                    "answers": len(results),
+                    "measured": len(window),
+                    "errors": errors(results),
+                    "first_error": first_error(results),
+                    "degraded": sum(1 for r in results if r.degraded),
+                    # Answers started per second while every stream was open.
+                    "answers_per_s": len(window) / sum(ph.window_s for ph in runs),
+                    "ttft_ms": summary(ttft_ms(window)),
+                    "cpu_ms_per_answer": per(cpu, 1000 / len(results)),
+                    "cpu_busy": per(cpu, 1 / cpu["wall"]),
+                }
+            )
+    return rows
+
+
+# --- 2. relay cost per token ---------------------------------------------------------------
+
+
+async def bench_relay(bs: BenchStack, plan: Plan) -> dict[str, Any]:
+    pool = bs.pool("nginx")
+    runs = []
+    for tokens, per_worker in zip(plan.relay_tokens, plan.relay_requests, strict=True):
+        bs.fixed_engine(tokens, plan.relay_interval_ms)
+        await asyncio.gather(
+            *(ask_native(pool, QUESTIONS[i % len(QUESTIONS)], COLLECTION)
+              for i in range(plan.warmup))
+        )  # fmt: skip
+        log(f"relay: {plan.relay_streams} streams of {tokens} tokens")
+        spread = tokens * plan.relay_interval_ms / 1000
+        phase = await closed_loop(
+            lambda i: ask_native(pool, QUESTIONS[i % len(QUESTIONS)], COLLECTION),
+            plan.relay_streams, per_worker, spread, CpuMeter(bs.pids()),
+        )  # fmt: skip
+        relayed = sum(r.tokens for r in phase.results)
+        answers = len(phase.results)
+        runs.append(
+            {
+                "tokens_per_answer": tokens,
+                "answers": answers,
+                "errors": errors(phase.results),
+                "first_error": first_error(phase.results),
+                "tokens_relayed": relayed,
+                "tokens_per_s": relayed / phase.cpu["wall"],
+                "cpu_s": phase.cpu,
+                "us_per_token": per(phase.cpu, 1e6 / relayed),
+                "ms_per_answer": per(phase.cpu, 1e3 / answers),
+            }
+        )
+    pool.close()
+    short, long = runs
+    # The per-token part: the difference in CPU per answer over the difference in tokens.
+    extra_tokens = (long["tokens_relayed"] / long["answers"]
+                    - short["tokens_relayed"] / short["answers"])  # fmt: skip
+    marginal = {
+        k: 1000 * (long["ms_per_answer"][k] - short["ms_per_answer"][k]) / extra_tokens
+        for k in long["ms_per_answer"]
+    }
+    return {"streams": plan.relay_streams, "interval_ms": plan.relay_interval_ms,
+            "runs": runs, "marginal_us_per_token": marginal}  # fmt: skip
+
+
+# --- 3. open streams -----------------------------------------------------------------------
+
+
+async def hold_streams(
+    bs: BenchStack, plan: Plan, open_one: Callable[[Result], Awaitable[Result]], watched: str
+) -> list[dict[str, Any]]:
+    """Steps up to each of `plan.stream_steps` open streams and watches them for a while;
+    RSS growth is that of the process `watched`."""
+    interval = plan.stream_interval_ms / 1000
+    streams: list[tuple[Result, asyncio.Task[Result]]] = []
+    steps = []
+    baseline_rss = rss_bytes(bs.pid(watched))
+    for n in plan.stream_steps:
+        log(f"streams via {watched}: opening up to {n}")
+        while len(streams) < n:
+            result = Result(token_times=[])
+            streams.append((result, asyncio.create_task(open_one(result))))
+            await asyncio.sleep(1 / plan.open_rate)
+        await asyncio.sleep(plan.settle_s)
+        meter = CpuMeter(bs.pids())
+        meter.start()
+        a = time.perf_counter()
+        await asyncio.sleep(plan.hold_s / 2)
+        rss = {name: rss_bytes(pid, tree=name == "nginx") for name, pid in bs.pids().items()}
+        await asyncio.sleep(plan.hold_s / 2)
+        b = time.perf_counter()
+        cpu = meter.stop()
+        added: list[float] = []
+        delivered = 0
+        for result, _ in streams:
+            times = result.token_times or []
+            inside = [t for t in times if a <= t <= b]
+            delivered += len(inside)
+            added.extend(1000 * (y - x - interval) for x, y in itertools.pairwise(inside))
+        failed = [r for r, task in streams if task.done() or r.error]
+        expected = len(streams) * (b - a) / interval
+        steps.append(
+            {
+                "streams": len(streams),
+                "errors": len(failed),
+                "first_error": next((r.error or "ended early" for r in failed), None),
+                "added_delay_ms": summary(added),
+                "tokens_delivered_vs_due": delivered / expected if expected else None,
+                "rss_mib": {k: v / 2**20 for k, v in rss.items()},
+                # Growth over the idle, warmed-up process, per open stream; and since the
+                # first step, which leaves out what the first streams cost once (pools,
+                # buffers, allocator arenas).
+                "rss_per_stream_kib": (rss[watched] - baseline_rss) / len(streams) / 1024,
+                "rss_per_added_stream_kib": (
+                    (rss[watched] - steps[0]["rss_bytes"])
+                    / (len(streams) - steps[0]["streams"])
+                    / 1024
+                    if steps
+                    else None
+                ),
+                "rss_bytes": rss[watched],
+                "cpu_busy": {k: v / cpu["wall"] for k, v in cpu.items() if k != "wall"},
+            }
+        )
+        log(f"  {len(streams)} open: added delay p99 "
+            f"{steps[-1]['added_delay_ms']['p99'] or 0:.1f} ms, errors {len(failed)}")  # fmt: skip
+    for _, task in streams:
+        task.cancel()
+    await asyncio.gather(*(task for _, task in streams), return_exceptions=True)
+    return steps
+
+
+async def bench_streams(bs: BenchStack, plan: Plan) -> dict[str, Any]:
+    # Streams outlast the whole run (they are closed at its end), so none ends early.
+    run_s = (plan.stream_steps[-1] / plan.open_rate
+             + len(plan.stream_steps) * (plan.settle_s + plan.hold_s) + 30)  # fmt: skip
+    tokens = int(run_s * 1000 / plan.stream_interval_ms)
+    bs.fixed_engine(tokens, plan.stream_interval_ms)
+    # A fresh gateway: RSS never shrinks, so one that held streams earlier in the run
+    # would show less growth per stream than it costs.
+    bs.restart("gateway", {})
+    model = (await call_json(bs.pool("llm"), "GET", "/v1/models"))["data"][0]["id"]
+    gateway = bs.pool("gateway")
+    up = Upstreams(bs.pool("retriever"), bs.pool("reranker"), bs.pool("llm"), model,
+                   max_tokens=MAX_TOKENS)  # fmt: skip
+    passages = [Passage(n, title, text) for n, (title, text) in enumerate(TOPICS[:5], 1)]
+    body = up.llm_body(build_messages(QUESTIONS[0], passages, []))
+    counter = iter(range(10**9))
+    # Warm-up, so the RSS baseline has the pools, caches and code paths in it.
+    for i in range(plan.warmup):
+        short = asyncio.create_task(ask_native(gateway, QUESTIONS[i], COLLECTION))
+        await asyncio.sleep(0.3)
+        short.cancel()
+    await asyncio.sleep(plan.drain_s)
+
+    def via_gateway(result: Result) -> Awaitable[Result]:
+        return ask_native(gateway, QUESTIONS[next(counter) % len(QUESTIONS)], COLLECTION, result)
+
+    out = {"interval_ms": plan.stream_interval_ms, "tokens_per_stream": tokens,
+           "gateway": await hold_streams(bs, plan, via_gateway, "gateway")}  # fmt: skip
+    await asyncio.sleep(plan.drain_s)  # let the gateway and llm-svc finish the aborts
+    bs.restart("llm", {})  # a fresh llm-svc for the same reason
+    out["llm"] = await hold_streams(bs, plan, lambda result: stream_llm(up, body, result), "llm")
+    gateway.close()
+    up.close()
+    return out
+
+
+# --- 4. cache hits -------------------------------------------------------------------------
+
+
+async def bench_cache(bs: BenchStack, plan: Plan) -> dict[str, Any]:
+    bs.fixed_engine(20, 5.0)
+    log("cache: gateway restarted with RAGLINE_GATEWAY_CACHE_TTL_S=3600")
+    bs.restart("gateway", {"RAGLINE_GATEWAY_CACHE_TTL_S": "3600"})
+    out: dict[str, Any] = {}
+    for path in ("nginx", "gateway"):
+        pool = bs.pool(path)
+        question = QUESTIONS[0] if path == "nginx" else QUESTIONS[1]
+        miss = await ask_native(pool, question, COLLECTION)
+        if miss.error:
+            raise RuntimeError(f"cache bench: {miss.error}")
+        hits = [await ask_native(pool, question, COLLECTION) for _ in range(plan.cache_asks)]
+        out[path] = {
+            "miss_done_ms": (miss.end - miss.sent) * 1000,
+            "hit_done_ms": summary([(r.end - r.sent) * 1000 for r in hits if not r.error]),
+            "errors": errors(hits),
+            "not_cached": sum(1 for r in hits if r.timings and not r.cached),
+        }
+        pool.close()
+    return out  # the last part: the gateway stays as it is
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def _f(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(f"machine: {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB; "
+          f"Python {m['python']}; nginx {m['nginx']}; "
+          f"load average before {m['load_average']}, after {report['load_after']}")  # fmt: skip
+    if "overhead" in report:
+        print("\n1. Time to first token: nginx + gateway vs the stages they wait on (ms)")
+        print(f"{'streams':>7}  {'path':<40}{'answers':>8}{'err':>5}{'ans/s':>7}"
+              f"{'p50':>8}{'p99':>8}   CPU ms/answer: gateway nginx client")  # fmt: skip
+        by: dict[tuple[int, str], dict[str, Any]] = {(r["streams"], r["path"]): r
+                                                     for r in report["overhead"]}  # fmt: skip
+        for r in report["overhead"]:
+            c = r["cpu_ms_per_answer"]
+            print(f"{r['streams']:>7}  {PATHS[r['path']]:<40}{r['measured']:>8}{r['errors']:>5}"
+                  f"{r['answers_per_s']:>7.1f}{_f(r['ttft_ms']['p50'], '.2f'):>8}"
+                  f"{_f(r['ttft_ms']['p99'], '.2f'):>8}   "
+                  f"{c['gateway']:.2f} {c['nginx']:.2f} {c['client']:.2f}")  # fmt: skip
+            if r["path"] == "nginx":
+                d = by[(r["streams"], "direct")]["ttft_ms"]
+                g = by[(r["streams"], "gateway")]["ttft_ms"]
+                for label, other in (("nginx + gateway", d), ("gateway alone", None)):
+                    base = d if other is None else other
+                    top = g if other is None else r["ttft_ms"]
+                    if base["p50"] is None or top["p50"] is None:
+                        continue
+                    print(
+                        f"{'':>7}  {'added by ' + label:<40}{'':>20}"
+                        f"{top['p50'] - base['p50']:>+8.2f}{top['p99'] - base['p99']:>+8.2f}"
+                    )
+    if "relay" in report:
+        rl = report["relay"]
+        print(f"\n2. Relay cost: {rl['streams']} concurrent streams through nginx, "
+              f"a token every {rl['interval_ms']:g} ms")  # fmt: skip
+        print(f"{'tokens/answer':>13}{'answers':>8}{'err':>5}{'tokens':>9}{'tok/s':>8}"
+              f"   µs CPU per token: gateway  llm-svc  nginx  client")  # fmt: skip
+        for run in rl["runs"]:
+            u = run["us_per_token"]
+            print(
+                f"{run['tokens_per_answer']:>13}{run['answers']:>8}{run['errors']:>5}"
+                f"{run['tokens_relayed']:>9}{run['tokens_per_s']:>8.0f}"
+                f"   {u['gateway']:>24.1f}{u['llm']:>9.1f}{u['nginx']:>7.1f}{u['client']:>8.1f}"
+            )
+        mg = rl["marginal_us_per_token"]
+        print(
+            f"{'per token, without the per-answer part (difference of the two)':<62}"
+            f"{mg['gateway']:>5.1f}{mg['llm']:>9.1f}{mg['nginx']:>7.1f}{mg['client']:>8.1f}"
+        )
+    if "streams" in report:
+        st = report["streams"]
+        print(f"\n3. Open streams, a token every {st['interval_ms']:g} ms "
+              f"(added delay = gap between tokens minus the interval)")  # fmt: skip
+        print(
+            f"{'via':<9}{'open':>6}{'err':>5}{'added p50':>10}{'p99':>8}{'max':>8}"
+            f"{'delivered':>10}{'RSS KiB/stream':>15}{'/added':>7}"
+            f"   CPU busy: gateway llm-svc client"
+        )
+        for via in ("gateway", "llm"):
+            for s in st[via]:
+                a = s["added_delay_ms"]
+                busy = s["cpu_busy"]
+                print(f"{via:<9}{s['streams']:>6}{s['errors']:>5}{_f(a['p50']):>10}"
+                      f"{_f(a['p99']):>8}{_f(a['max']):>8}"
+                      f"{_f(s['tokens_delivered_vs_due'], '.3f'):>10}"
+                      f"{s['rss_per_stream_kib']:>15.1f}"
+                      f"{_f(s['rss_per_added_stream_kib']):>7}"
+                      f"   {busy.get('gateway', 0):.2f} {busy.get('llm', 0):.2f} "
+                      f"{busy['client']:.2f}")  # fmt: skip
+            held = [s["streams"] for s in st[via]
+                    if not s["errors"] and (s["added_delay_ms"]["p99"] or 0) < 50]  # fmt: skip
+            print(f"{'':<9}held with no error and p99 added delay < 50 ms: "
+                  f"{max(held) if held else 'none'} of the steps")  # fmt: skip
+    if "cache" in report:
+        print("\n4. Cache hits: the same question again, time to `done` (ms)")
+        for path, c in report["cache"].items():
+            h = c["hit_done_ms"]
+            print(f"{PATHS[path]:<28} first ask (miss) {c['miss_done_ms']:.1f}; "
+                  f"{h['n']} hits p50 {_f(h['p50'], '.2f')} p99 {_f(h['p99'], '.2f')} "
+                  f"max {_f(h['max'], '.2f')}; errors {c['errors']}, "
+                  f"not from the cache {c['not_cached']}")  # fmt: skip
+
+
+async def run(bs: BenchStack, plan: Plan, only: set[str]) -> dict[str, Any]:
+    report: dict[str, Any] = {"machine": machine(), "plan": plan.__dict__}
+    if "overhead" in only:
+        report["overhead"] = await bench_overhead(bs, plan)
+    if "relay" in only:
+        report["relay"] = await bench_relay(bs, plan)
+    if "streams" in only:
+        report["streams"] = await bench_streams(bs, plan)
+    if "cache" in only:
+        report["cache"] = await bench_cache(bs, plan)
+    report["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="overhead,relay,streams,cache",
+                        help="comma-separated: overhead, relay, streams, cache")  # fmt: skip
+    parser.add_argument("--concurrency", help="overhead: streams, e.g. 1,100,1000")
+    parser.add_argument("--streams", help="open streams: steps, e.g. 250,500,1000,2000")
+    parser.add_argument("--rate", type=float, help="overhead: answers started per second")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, not minutes")
+    parser.add_argument("--work-dir", type=Path, help="default: a temporary directory")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    plan = SMOKE if args.smoke else Plan()
+    if args.concurrency:
+        plan = replace(plan, concurrency=tuple(int(x) for x in args.concurrency.split(",")))
+    if args.streams:
+        plan = replace(plan, stream_steps=tuple(int(x) for x in args.streams.split(",")))
+    if args.rate:
+        plan = replace(plan, rate=args.rate)
+    if args.rounds:
+        plan = replace(plan, rounds=args.rounds)
+    # `kill` stops the stack too (the processes run in sessions of their own).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = only - {"overhead", "relay", "streams", "cache"}
+    if unknown:
+        parser.error(f"unknown --only parts: {', '.join(sorted(unknown))}")
+
+    with tempfile.TemporaryDirectory(prefix="ragline-bench-") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        log(f"starting the stack in {work}")
+        bs = BenchStack(work, plan)
+        started = time.perf_counter()
+        try:
+            bs.start()
+            log(f"stack ready in {time.perf_counter() - started:.1f} s")
+            report = uvloop.run(run(bs, plan, only))
+        finally:
+            bs.stop()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report)
+
+
+if __name__ == "__main__":
+    main()
