@@ -16,7 +16,6 @@ SSE or as OpenAI chunks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -37,6 +36,7 @@ from ragline_gateway.clients.base import UpstreamError
 from ragline_gateway.clients.llm import Delta, LlmClient, LlmStream
 from ragline_gateway.clients.reranker import RerankerClient
 from ragline_gateway.clients.retriever import RetrieverClient
+from ragline_gateway.feed import QUIET, Feed
 from ragline_gateway.memory import ConversationMemory, Turn
 from ragline_gateway.prompt import SYSTEM_PROMPT, build_messages, fit_history
 from ragline_gateway.rewrite import QueryRewriter
@@ -48,12 +48,12 @@ Event = tuple[str, Any]  # ("meta" | "sources" | "token" | "ping" | "done" | "er
 
 
 class _ShuttingDown:
-    """Put in an answer's queue when the replica's shutdown grace runs out."""
+    """Put in an answer's feed when the replica's shutdown grace runs out."""
 
 
-# What the reader task hands to `events`: a delta, the error that ended the stream, the
-# end (None), or the replica shutting down.
-Feed = asyncio.Queue[Delta | BaseException | _ShuttingDown | None]
+# What the reader task hands to `events`: a delta, the error that ended the stream, the end
+# (None), or the replica shutting down.
+AnswerFeed = Feed[Delta | BaseException | _ShuttingDown | None]
 
 
 # Part of every cache key: a changed prompt must not serve answers made with the old one.
@@ -127,7 +127,7 @@ class AnswerPipeline:
         )
         self.llm_model = settings.llm_model
         self._background: set[asyncio.Task[None]] = set()
-        self._open_streams: set[Feed] = set()
+        self._open_streams: set[AnswerFeed] = set()
 
     # --- steps 2, 3 and the opening of 5: everything that may still be a plain HTTP error --
 
@@ -336,9 +336,9 @@ class AnswerPipeline:
         parts: list[str] = []
         usage: dict[str, Any] = {}
         finish_reason = "stop"
-        # One reader task feeds a queue so that waiting for the next token can time out
-        # (for `: ping` and the idle limit) without cancelling a read inside httpx's stream.
-        queue: Feed = asyncio.Queue(maxsize=256)
+        # One reader task feeds a queue, so that a quiet upstream can be noticed (for
+        # `: ping` and the idle limit) without cancelling a read inside httpx's stream.
+        queue: AnswerFeed = Feed(256, quiet_after=self.settings.keepalive_interval_s)
         reader = asyncio.create_task(self._read(p.stream, queue))
         self._open_streams.add(queue)
         last = first = 0.0
@@ -347,30 +347,31 @@ class AnswerPipeline:
             idle_limit = self.settings.llm_first_token_timeout_s
             idle_since = time.perf_counter()
             while True:
-                try:
-                    async with asyncio.timeout(self.settings.keepalive_interval_s):
-                        item = await queue.get()
-                except TimeoutError:
-                    if time.perf_counter() - idle_since > idle_limit:
+                item = await queue.get()
+                if type(item) is not Delta:
+                    if item is QUIET:
+                        if time.perf_counter() - idle_since > idle_limit:
+                            yield (
+                                "error",
+                                {
+                                    "code": "generation_timeout",
+                                    "message": "the answer generator stopped responding",
+                                },
+                            )
+                            return
+                        yield "ping", None
+                        continue
+                    if item is None:
+                        break
+                    if isinstance(item, _ShuttingDown):
                         yield (
                             "error",
                             {
-                                "code": "generation_timeout",
-                                "message": "the answer generator stopped responding",
+                                "code": "shutting_down",
+                                "message": "the server is restarting; ask again",
                             },
                         )
                         return
-                    yield "ping", None
-                    continue
-                if item is None:
-                    break
-                if isinstance(item, _ShuttingDown):
-                    yield (
-                        "error",
-                        {"code": "shutting_down", "message": "the server is restarting; ask again"},
-                    )
-                    return
-                if isinstance(item, BaseException):
                     metrics.UPSTREAM_ERRORS.labels("llm").inc()
                     log.warning("generation failed mid-stream", extra={"error": repr(item)})
                     yield (
@@ -426,6 +427,7 @@ class AnswerPipeline:
             raise
         finally:
             self._open_streams.discard(queue)
+            queue.close()
             reader.cancel()
             with anyio.CancelScope(shield=True):
                 await p.stream.aclose()  # closing the upstream aborts the generation there
@@ -456,11 +458,10 @@ class AnswerPipeline:
         """The shutdown grace is running out: every open answer ends with an `error` event
         now, rather than being cut off mid-frame a moment later."""
         for queue in list(self._open_streams):
-            with contextlib.suppress(asyncio.QueueFull):  # a reader that far behind is cut
-                queue.put_nowait(_ShuttingDown())
+            queue.put_nowait(_ShuttingDown())  # dropped when full: a reader that far behind is cut
 
     @staticmethod
-    async def _read(stream: LlmStream, queue: Feed) -> None:
+    async def _read(stream: LlmStream, queue: AnswerFeed) -> None:
         try:
             async for delta in stream.deltas():
                 await queue.put(delta)
