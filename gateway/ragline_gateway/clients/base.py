@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from ragline_common.middleware import request_headers
+from ragline_gateway.clients.network import upstream_transport
 
 
 class UpstreamError(Exception):
@@ -37,9 +38,10 @@ class UpstreamClient:
     health_path = "/readyz"
 
     def __init__(self, base_url: str, pool_size: int, connect_timeout: float = 2.0) -> None:
+        limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
         self.http = httpx.AsyncClient(
             base_url=base_url,
-            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+            transport=upstream_transport(base_url, limits),
             timeout=httpx.Timeout(30.0, connect=connect_timeout),
         )
 

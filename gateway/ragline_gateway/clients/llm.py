@@ -25,25 +25,49 @@ class Delta:
     usage: dict[str, Any] | None = None
 
 
+def _to_lf(data: bytes) -> bytes:
+    """CRLF and CR line ends as LF; a CR at the end waits for what follows it."""
+    held = data.endswith(b"\r")
+    data = (data[:-1] if held else data).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return data + b"\r" if held else data
+
+
 class LlmStream:
+    """The deltas of one streamed completion.
+
+    Server-sent events are split out of the raw body here rather than through httpx's
+    text and line decoders: a token is one small event, and each decoding layer would be
+    paid once per token (the request asks for an unencoded body, so raw is decoded).
+    """
+
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        async for line in self.response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, comments, `event:` lines
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            chunk = orjson.loads(data)
-            if "error" in chunk:
-                raise UpstreamError("llm", str(chunk["error"]))
-            delta = Delta(usage=chunk.get("usage"))
-            for choice in chunk.get("choices") or ():
-                delta.text = (choice.get("delta") or {}).get("content") or ""
-                delta.finish_reason = choice.get("finish_reason")
-            yield delta
+        pending = b""
+        async for chunk in self.response.aiter_raw():
+            pending += chunk
+            if b"\r" in pending:  # SSE also allows CRLF and CR line ends; vLLM sends LF
+                pending = _to_lf(pending)
+            while (end := pending.find(b"\n\n")) >= 0:
+                block, pending = pending[:end], pending[end + 2 :]
+                for line in block.split(b"\n"):
+                    if not line.startswith(b"data:"):
+                        continue  # comments, `event:` and `id:` lines
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    yield self._delta(orjson.loads(data))
+
+    @staticmethod
+    def _delta(chunk: dict[str, Any]) -> Delta:
+        if "error" in chunk:
+            raise UpstreamError("llm", str(chunk["error"]))
+        delta = Delta(usage=chunk.get("usage"))
+        for choice in chunk.get("choices") or ():
+            delta.text = (choice.get("delta") or {}).get("content") or ""
+            delta.finish_reason = choice.get("finish_reason")
+        return delta
 
     async def aclose(self) -> None:
         await self.response.aclose()
@@ -72,7 +96,11 @@ class LlmClient(UpstreamClient):
             "POST",
             "/v1/chat/completions",
             content=orjson.dumps(body),
-            headers={**request_headers(), "content-type": "application/json"},
+            headers={
+                **request_headers(),
+                "content-type": "application/json",
+                "accept-encoding": "identity",
+            },
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
         )
         try:
