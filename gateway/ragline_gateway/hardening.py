@@ -1,10 +1,14 @@
 """What makes the gateway safe to face the internet directly, not only behind nginx:
 a CORS allow-list and security headers on every response.
 
-All pure ASGI (never BaseHTTPMiddleware, which buffers streams).
+All pure ASGI (never BaseHTTPMiddleware, which buffers streams), with `send` wrappers
+that return the next `send`'s awaitable instead of awaiting it (why:
+ragline_common.middleware).
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable
 
 import orjson
 from fastapi import FastAPI
@@ -33,12 +37,12 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_headers(message: Message) -> None:
+        def send_with_headers(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 present = {name.lower() for name, _ in message.get("headers", [])}
                 extra = [(k, v) for k, v in SECURITY_HEADERS if k not in present]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
+            return send(message)
 
         await self.app(scope, receive, send_with_headers)
 
@@ -56,27 +60,30 @@ class PayloadTooLargeEnvelope:
             return
         replaced = False
 
-        async def send_envelope(message: Message) -> None:
+        async def send_instead(message: Message) -> None:
+            headers = message.get("headers", [])
+            body = orjson.dumps(error_body("payload_too_large", "the request body is too large"))
+            kept = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]
+            kept += [(b"content-type", b"application/json"),
+                     (b"content-length", str(len(body)).encode())]  # fmt: skip
+            await send({**message, "headers": kept})
+            await send({"type": "http.response.body", "body": body})
+
+        def send_envelope(message: Message) -> Awaitable[None]:
             nonlocal replaced
             if message["type"] == "http.response.start" and message["status"] == 413:
                 headers = message.get("headers", [])
                 if not any(k == b"content-type" and v.startswith(b"application/json")
                            for k, v in headers):  # fmt: skip
                     replaced = True
-                    body = orjson.dumps(
-                        error_body("payload_too_large", "the request body is too large")
-                    )
-                    kept = [(k, v) for k, v in headers
-                            if k not in (b"content-type", b"content-length")]  # fmt: skip
-                    kept += [(b"content-type", b"application/json"),
-                             (b"content-length", str(len(body)).encode())]  # fmt: skip
-                    await send({**message, "headers": kept})
-                    await send({"type": "http.response.body", "body": body})
-                    return
-            if not replaced:
-                await send(message)
+                    return send_instead(message)
+            return _dropped() if replaced else send(message)
 
         await self.app(scope, receive, send_envelope)
+
+
+async def _dropped() -> None:
+    """What the rest of a replaced response is sent to."""
 
 
 def install_hardening(app: FastAPI, settings: GatewaySettings) -> None:
