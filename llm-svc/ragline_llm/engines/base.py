@@ -82,3 +82,30 @@ class Engine(Protocol):
         """An async generator; raises `ragline_common.errors.ApiError` for a bad request
         (e.g. prompt too long) before its first delta."""
         ...
+
+
+class LocalEngine:
+    """What an engine with nothing to load and nothing to lose shares (the extractive and
+    fixed engines): ready once started, never dead, and a count of the streams it serves,
+    which `stream` keeps."""
+
+    def __init__(self) -> None:
+        self._ready = False
+        self._active = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def dead(self) -> bool:
+        return False
+
+    def unfinished_requests(self) -> int:
+        return self._active
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def close(self) -> None:
+        self._ready = False

@@ -17,7 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from ragline_common.passages import Passage, parse_sources
-from ragline_llm.engines.base import GenerationDelta, GenerationRequest
+from ragline_llm.engines.base import GenerationDelta, GenerationRequest, LocalEngine
 
 NOTHING_FOUND = "I found nothing in the documents to answer that."
 NO_MATCH = "I could not find an answer to that in the documents."
@@ -112,31 +112,13 @@ def compose_answer(messages_last_user: str) -> str:
     return " ".join(f"{p.sentence} [{p.n}]" for p in picks)
 
 
-class ExtractiveEngine:
+class ExtractiveEngine(LocalEngine):
     name = "extractive"
 
     def __init__(self, model_name: str = "ragline-extractive", token_interval_ms: float = 15.0):
+        super().__init__()
         self.model_name = model_name
         self.interval = token_interval_ms / 1000.0
-        self._ready = False
-        self._active = 0
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    @property
-    def dead(self) -> bool:
-        return False  # nothing in it can fail for good
-
-    def unfinished_requests(self) -> int:
-        return self._active
-
-    async def start(self) -> None:
-        self._ready = True
-
-    async def close(self) -> None:
-        self._ready = False
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """The answer word by word; sampling fields other than max_tokens and stop do not

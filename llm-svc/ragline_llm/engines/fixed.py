@@ -17,39 +17,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from ragline_llm.engines.base import GenerationDelta, GenerationRequest
+from ragline_llm.engines.base import GenerationDelta, GenerationRequest, LocalEngine
 
 WORD = "token"
 
 
-class FixedEngine:
+class FixedEngine(LocalEngine):
     name = "fixed"
 
     def __init__(
         self, model_name: str = "ragline-fixed", tokens: int = 64, token_interval_ms: float = 15.0
     ) -> None:
+        super().__init__()
         self.model_name = model_name
         self.tokens = tokens
         self.interval = token_interval_ms / 1000.0
-        self._ready = False
-        self._active = 0
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    @property
-    def dead(self) -> bool:
-        return False
-
-    def unfinished_requests(self) -> int:
-        return self._active
-
-    async def start(self) -> None:
-        self._ready = True
-
-    async def close(self) -> None:
-        self._ready = False
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """`min(tokens, max_tokens)` words; sampling fields and `stop` are ignored."""
