@@ -75,7 +75,7 @@ from streamclient import (
     stream_llm,
 )
 
-from ragline_cli.processes import ManagedProcess, free_port
+from ragline_cli.processes import ManagedProcess
 from ragline_cli.stack import Stack, StackConfig
 from ragline_common.passages import Passage
 from ragline_gateway.prompt import build_messages
@@ -222,16 +222,9 @@ class BenchStack:
                  str(reranker_model)],
                 check=True, capture_output=True,
             )  # fmt: skip
-        self.config = StackConfig(
-            run_dir=work / "run",
-            data_dir=work / "data",
-            nginx_port=free_port(),
-            gateway_port=free_port(),
-            retriever_port=free_port(),
-            reranker_port=free_port(),
-            llm_port=free_port(),
-            redis_port=free_port(),
-            extra_env={
+        self.config = StackConfig.on_free_ports(
+            work,
+            {
                 "llm": {
                     "RAGLINE_LLM_ENGINE": "fixed",
                     "RAGLINE_LLM_FIXED_TOKENS": "16",

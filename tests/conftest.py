@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from ragline_cli.main import ingest
-from ragline_cli.processes import free_port
 from ragline_cli.stack import REPO_ROOT, Stack, StackConfig
 
 SAMPLES = REPO_ROOT / "samples"
@@ -24,16 +23,9 @@ TOKEN_INTERVAL_MS = 20
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("stack")
-    config = StackConfig(
-        run_dir=base / "run",
-        data_dir=base / "data",
-        nginx_port=free_port(),
-        gateway_port=free_port(),
-        retriever_port=free_port(),
-        reranker_port=free_port(),
-        llm_port=free_port(),
-        redis_port=free_port(),
-        extra_env={
+    config = StackConfig.on_free_ports(
+        base,
+        {
             "llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": str(TOKEN_INTERVAL_MS)},
             # Most tests ask the same questions and need a live generation each time; the
             # cache and the limits are tested on gateways of their own (test_gateway_*).

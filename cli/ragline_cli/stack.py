@@ -13,7 +13,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ragline_cli.processes import ManagedProcess, nginx, nginx_binary, python_service, redis_server
+from ragline_cli.processes import (
+    ManagedProcess,
+    free_port,
+    nginx,
+    nginx_binary,
+    python_service,
+    redis_server,
+)
 
 log = logging.getLogger("ragline.stack")
 
@@ -55,6 +62,22 @@ class StackConfig:
     @property
     def has_nginx(self) -> bool:
         return self.use_nginx and nginx_binary() is not None
+
+    @classmethod
+    def on_free_ports(cls, base: Path, extra_env: dict[str, dict[str, str]]) -> StackConfig:
+        """A throwaway stack under `base`, each server on a free loopback port (tests and
+        benchmarks, beside whatever else runs on the machine)."""
+        return cls(
+            run_dir=base / "run",
+            data_dir=base / "data",
+            nginx_port=free_port(),
+            gateway_port=free_port(),
+            retriever_port=free_port(),
+            reranker_port=free_port(),
+            llm_port=free_port(),
+            redis_port=free_port(),
+            extra_env=extra_env,
+        )
 
     def missing_binaries(self) -> list[str]:
         """The optional servers the stack will run without on this machine."""
