@@ -37,7 +37,7 @@ Run from the repository root (progress on stderr, tables or `--json` on stdout):
     .venv/bin/python benchmarks/gateway_bench.py --only overhead --concurrency 1,100
     .venv/bin/python benchmarks/gateway_bench.py --smoke      # seconds: CI's check that it runs
 
-A full run takes about 12 minutes on 2 cores. Do not run it beside other heavy work (a
+A full run takes about 11 minutes on 2 cores. Do not run it beside other heavy work (a
 test suite, another benchmark): the services and the client share the cores, and the
 figures would measure the neighbour.
 """
