@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from ragline_gateway.clients.llm import LlmStream
+from ragline_gateway.clients.llm import LlmClient, LlmStream
 from ragline_gateway.clients.network import READ_HIGH_WATER, AsyncioBackend, upstream_transport
 from ragline_gateway.feed import QUIET, Feed
 
@@ -198,6 +198,42 @@ def test_sse_split_is_the_same_however_the_bytes_arrive(newline: bytes) -> None:
     assert asyncio.run(parsed([body[i : i + 1] for i in range(len(body))])) == expected
     for cut in range(1, len(body), 7):  # every way of cutting it in two, CRLF split too
         assert asyncio.run(parsed([body[:cut], body[cut:]])) == expected
+
+
+def test_the_generation_request_goes_with_a_content_length_not_chunked() -> None:
+    """The prompt is sent as an iterator (so the request does not hold it for the whole
+    answer) with its length given: llm-svc and vLLM get an ordinary request."""
+    seen: dict[str, Any] = {}
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        headers = dict(
+            line.decode().lower().split(": ", 1) for line in head.split(b"\r\n")[1:] if line
+        )
+        seen["headers"] = headers
+        seen["body"] = orjson.loads(await reader.readexactly(int(headers["content-length"])))
+        body = sse_body(["Hello"])
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+
+    async def work(url: str) -> list[str]:
+        llm = LlmClient(url, pool_size=2)
+        try:
+            stream = await llm.open_stream(
+                [{"role": "user", "content": "Hi"}], model="m", sampling={"max_tokens": 5},
+                connect_timeout=5, read_timeout=5,
+            )  # fmt: skip
+            texts = [d.text async for d in stream.deltas()]
+            await stream.aclose()
+            return texts
+        finally:
+            await llm.aclose()
+
+    assert asyncio.run(with_server(handler, work)) == ["Hello", ""]
+    assert "transfer-encoding" not in seen["headers"]
+    assert seen["headers"]["accept-encoding"] == "identity"
+    assert seen["body"]["messages"] == [{"role": "user", "content": "Hi"}]
+    assert seen["body"]["stream"] is True and seen["body"]["max_tokens"] == 5
 
 
 # --- feed.py -------------------------------------------------------------------------------

@@ -398,6 +398,8 @@ class AnswerPipeline:
                         idle_limit = self.settings.llm_idle_timeout_s
                     last = idle_since = now
                     parts.append(item.text)
+                    if len(parts) == 64:  # one string, not a string object per token
+                        parts[:] = ["".join(parts)]
                     yield "token", item.text
             completed = True
             metrics.STAGE_DURATION.labels("generate").observe(

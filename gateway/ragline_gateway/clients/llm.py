@@ -73,6 +73,10 @@ class LlmStream:
         await self.response.aclose()
 
 
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
 class LlmClient(UpstreamClient):
     name = "llm"
 
@@ -92,13 +96,18 @@ class LlmClient(UpstreamClient):
             "stream_options": {"include_usage": True},
             **sampling,
         }
+        content = orjson.dumps(body)
         request = self.http.build_request(
             "POST",
             "/v1/chat/completions",
-            content=orjson.dumps(body),
+            # As an iterator with its length given, so that the prompt (passages and all)
+            # is sent with a Content-Length and then dropped, not held by the request for
+            # the whole answer: it was an eighth of the memory of an open stream.
+            content=_once(content),
             headers={
                 **request_headers(),
                 "content-type": "application/json",
+                "content-length": str(len(content)),
                 "accept-encoding": "identity",
             },
             timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
