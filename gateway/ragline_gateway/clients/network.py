@@ -29,9 +29,9 @@ import httpx
 READ_HIGH_WATER = 256 * 1024
 
 
-def _expire(waiter: asyncio.Future[None], error: Exception) -> None:
+def _expire(waiter: asyncio.Future[None], error: type[Exception], timeout: float) -> None:
     if not waiter.done():
-        waiter.set_exception(error)
+        waiter.set_exception(error(f"nothing within {timeout} s"))
 
 
 class _Protocol(asyncio.Protocol):
@@ -100,12 +100,14 @@ async def _wait(
     loop: asyncio.AbstractEventLoop,
     waiter: asyncio.Future[None],
     timeout: float | None,
-    error: Exception,
+    error: type[Exception],
 ) -> None:
+    """Waits for `waiter`; `error` once `timeout` passes (made only then: this is on the
+    path of every token)."""
     if timeout is None:
         await waiter
         return
-    timer = loop.call_later(timeout, _expire, waiter, error)
+    timer = loop.call_later(timeout, _expire, waiter, error, timeout)
     try:
         await waiter
     finally:
@@ -125,9 +127,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         if not p.chunks and not p.eof:
             p.reader = self._loop.create_future()
             try:
-                await _wait(
-                    self._loop, p.reader, timeout, httpcore.ReadTimeout(f"no data in {timeout} s")
-                )
+                await _wait(self._loop, p.reader, timeout, httpcore.ReadTimeout)
             finally:
                 p.reader = None
         if p.chunks:
@@ -142,9 +142,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.WriteError("the connection is closed")
         self._transport.write(buffer)
         if p.drained is not None:
-            await _wait(
-                self._loop, p.drained, timeout, httpcore.WriteTimeout(f"not sent in {timeout} s")
-            )
+            await _wait(self._loop, p.drained, timeout, httpcore.WriteTimeout)
             if p.error is not None:
                 raise httpcore.WriteError(str(p.error)) from p.error
 
