@@ -248,7 +248,7 @@ def test_feed_says_quiet_after_its_interval_and_bounds_what_it_holds() -> None:
         assert feed.put_nowait(1) and feed.put_nowait(2)
         assert not feed.put_nowait(3)  # full: dropped
         blocked = asyncio.create_task(feed.put(4))
-        await asyncio.sleep(0)
+        await wait_for(lambda: feed._putter is not None, 5, "the producer to wait")
         assert not blocked.done()  # the producer waits for the consumer
         assert await feed.get() == 1
         await asyncio.wait_for(blocked, 5)
