@@ -41,11 +41,29 @@ def error_response(
     return JsonResponse(error_body(code, message), status_code=status, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _describe_validation(request: Request, exc: RequestValidationError) -> tuple[int, str, str]:
     errors = exc.errors()
     for err in errors:
         if err.get("type") == "json_invalid":
             return 400, "invalid_json", "request body is not valid JSON"
+    # FastAPI parses a body as JSON only when it is declared so; anything else (curl -d
+    # sends application/x-www-form-urlencoded) reaches validation as raw bytes and would
+    # read "Input should be a valid dictionary": say what is really wrong.
+    content_type = request.headers.get("content-type", "")
+    if isinstance(exc.body, bytes | bytearray) and not _is_json(content_type):
+        return (
+            415,
+            "unsupported_media_type",
+            f"the body must be JSON sent with Content-Type: application/json "
+            f"(got {content_type or 'no Content-Type'})",
+        )
     parts = []
     for err in errors[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
@@ -71,12 +89,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JsonResponse:
-        status, code, message = _describe_validation(exc)
+    async def _validation(request: Request, exc: RequestValidationError) -> JsonResponse:
+        status, code, message = _describe_validation(request, exc)
         return error_response(status, code, message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JsonResponse:
+        # FastAPI turns a JSON body it cannot decode for any reason but a syntax error
+        # (bytes that are not UTF-8, nesting deeper than the parser recurses) into a bare
+        # 400 "There was an error parsing the body": to a client that is invalid JSON too.
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            return error_response(400, "invalid_json", "request body is not valid UTF-8 JSON")
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+            return error_response(400, "invalid_json", "request body JSON is nested too deeply")
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         # 405 carries `Allow` (RFC 9110); keep whatever headers the exception names.
         return error_response(exc.status_code, code, str(exc.detail), exc.headers)

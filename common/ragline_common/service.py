@@ -34,7 +34,12 @@ log = logging.getLogger("ragline.service")
 
 
 def create_app(title: str, lifespan: Lifespan | None = None) -> FastAPI:
-    app = FastAPI(title=title, lifespan=lifespan, default_response_class=JsonResponse)
+    # No trailing-slash redirects: behind nginx the redirect's absolute URL can name the
+    # wrong host or port, and an API client should be told the path is wrong (404), not
+    # be sent somewhere else.
+    app = FastAPI(
+        title=title, lifespan=lifespan, default_response_class=JsonResponse, redirect_slashes=False
+    )
     # True from the first SIGTERM on: /readyz answers 503 (see `DrainingServer`).
     app.state.draining = False
     install_error_handlers(app)

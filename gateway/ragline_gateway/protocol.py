@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Self
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
 
 from ragline_common.wire import DOC_ID_PATTERN, CollectionName, Filters
 
@@ -65,7 +65,7 @@ IGNORED_FIELDS = frozenset({"presence_penalty", "frequency_penalty", "metadata",
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class OpenAIChatRequest(EncodableRequest):
@@ -77,7 +77,9 @@ class OpenAIChatRequest(EncodableRequest):
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=200)
-    stream: bool = False
+    # Strict: pydantic's lax mode would read "yes", "off" or 1 as a boolean, so a client's
+    # typo could silently switch between a stream and one JSON response.
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
