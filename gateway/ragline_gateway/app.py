@@ -84,7 +84,18 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.before_grace_deadline = [app.state.pipeline.end_open_streams]
         app.state.draining = False
         app.state.admission = Admission(auth, limiter, settings.max_inflight_streams, app.state)
-        watcher = asyncio.create_task(auth.watch(settings.keys_reload_interval_s))
+        watchers = [asyncio.create_task(auth.watch(settings.keys_reload_interval_s))]
+        if settings.upstream_probe_interval_s:
+            watchers += [
+                asyncio.create_task(
+                    client.watch(
+                        settings.upstream_probe_interval_s,
+                        settings.upstream_probe_timeout_s,
+                        settings.upstream_down_after,
+                    )
+                )
+                for client in (retriever, reranker, llm)
+            ]
         log.info(
             "gateway started", extra={"retriever": settings.retriever_url, "llm": settings.llm_url}
         )
@@ -92,7 +103,8 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
             yield
         finally:
             app.state.draining = True
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             for client in (retriever, reranker, llm):
                 await client.aclose()
             await memory.aclose()

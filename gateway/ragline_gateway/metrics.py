@@ -29,6 +29,11 @@ DEGRADED_ANSWERS = Counter(
 UPSTREAM_ERRORS = Counter(
     "ragline_upstream_errors_total", "Failed calls to upstream services.", ["upstream"]
 )
+UPSTREAM_UP = Gauge(
+    "ragline_upstream_up",
+    "1 while the upstream answers its health probes, 0 once it is known down (fail fast).",
+    ["upstream"],
+)
 CLIENT_DISCONNECTS = Counter(
     "ragline_client_disconnects_total", "Streams the client closed before the answer ended."
 )

@@ -102,6 +102,13 @@ class PreparedAnswer:
     search_query: str = ""  # what was searched for a follow-up, when not the question itself
 
 
+def _generation_unavailable() -> ApiError:
+    return ApiError(
+        503, "generation_unavailable", "the answer generator is unavailable; please retry shortly",
+        headers={"Retry-After": "5"},
+    )  # fmt: skip
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
@@ -167,6 +174,12 @@ class AnswerPipeline:
         timings["retrieve_ms"] = _ms(started)
         timings.update({f"retrieve_{k}": v for k, v in found.timings.items()})
         degraded.extend(found.degraded)
+
+        # A generator known to be down (its health probes go unanswered) would only fail
+        # the answer after the rerank: refuse now and spare the reranker the work.
+        if self.llm.known_down:
+            metrics.UPSTREAM_ERRORS.labels("llm").inc()
+            raise _generation_unavailable()
 
         # 3. Rerank the fused candidates; on failure keep the fused order.
         rerank_start = time.perf_counter()
@@ -316,11 +329,7 @@ class AnswerPipeline:
                 raise ApiError(
                     exc.status, exc.error_code or "bad_request", exc.error_message
                 ) from exc
-            raise ApiError(
-                503, "generation_unavailable",
-                "the answer generator is unavailable; please retry shortly",
-                headers={"Retry-After": "5"},
-            ) from exc  # fmt: skip
+            raise _generation_unavailable() from exc
 
     # --- steps 4, 5 and 6: the answer as events ----------------------------------------
 

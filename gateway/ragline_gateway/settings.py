@@ -77,6 +77,12 @@ class GatewaySettings(ServiceSettings):
     llm_first_token_timeout_s: float = Field(default=60.0, gt=0)
     llm_idle_timeout_s: float = Field(default=60.0, gt=0)
     keepalive_interval_s: float = Field(default=15.0, gt=0)
+    # Each upstream's health path is probed this often; after `upstream_down_after` probes
+    # in a row go unanswered within `upstream_probe_timeout_s`, its requests fail at once
+    # until a probe is answered (clients/base.py). 0 turns the probes off.
+    upstream_probe_interval_s: float = Field(default=1.0, ge=0)
+    upstream_probe_timeout_s: float = Field(default=2.0, gt=0)
+    upstream_down_after: int = Field(default=3, ge=1)
 
     max_inflight_streams: int = Field(default=512, ge=1)
     history_turns: int = Field(default=6, ge=0, le=50)

@@ -1,14 +1,20 @@
 """What the three upstream clients share: one pooled client, explicit timeouts, request id
-forwarding, and one exception type the pipeline turns into degradation or an error."""
+forwarding, one exception type the pipeline turns into degradation or an error, and a
+background health watch so that an upstream known to be dead fails requests at once."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import httpx
 
 from ragline_common.middleware import request_headers
 from ragline_gateway.clients.network import upstream_transport
+from ragline_gateway.metrics import UPSTREAM_UP
+
+log = logging.getLogger("ragline.upstreams")
 
 
 class UpstreamError(Exception):
@@ -44,14 +50,50 @@ class UpstreamClient:
             transport=upstream_transport(base_url, limits),
             timeout=httpx.Timeout(30.0, connect=connect_timeout),
         )
+        # Set by `watch`: the last health probes all went unanswered.
+        self.known_down = False
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    async def watch(self, interval: float, timeout: float, misses_to_down: int) -> None:
+        """Probes `health_path` every `interval` for as long as the process runs.
+
+        A frozen upstream (SIGSTOP, a wedged event loop, a black-holed node) still accepts
+        TCP connections, so every request would wait out its full stage timeout (60 s for
+        the first token) to learn what a 2 s probe already knows. After `misses_to_down`
+        probes in a row get no answer the upstream is `known_down` and requests fail at
+        once (503, or the stage's degradation); the first answered probe brings it back.
+        Any HTTP answer counts as alive: a 503 from a draining upstream is its own reply.
+        """
+        misses = 0
+        UPSTREAM_UP.labels(self.name).set(1)
+        while True:
+            try:
+                await self.http.get(self.health_path, timeout=timeout)
+                misses = 0
+            except httpx.HTTPError:
+                misses += 1
+            down = misses >= misses_to_down
+            if down != self.known_down:
+                self.known_down = down
+                UPSTREAM_UP.labels(self.name).set(0 if down else 1)
+                if down:
+                    log.warning("upstream down: failing its requests fast until it answers",
+                                extra={"upstream": self.name, "probes_missed": misses})  # fmt: skip
+                else:
+                    log.warning("upstream answering again", extra={"upstream": self.name})
+            await asyncio.sleep(interval)
+
+    def check_reachable(self) -> None:
+        if self.known_down:
+            raise UpstreamError(self.name, "unreachable (its health probes go unanswered)")
 
     async def call(
         self, method: str, path: str, timeout: float, body: dict[str, Any] | None = None
     ) -> Any:
         """One JSON request; any failure becomes an UpstreamError naming this upstream."""
+        self.check_reachable()
         try:
             response = await self.http.request(
                 method, path, json=body, headers=request_headers(), timeout=timeout

@@ -96,6 +96,7 @@ class LlmClient(UpstreamClient):
             "stream_options": {"include_usage": True},
             **sampling,
         }
+        self.check_reachable()
         content = orjson.dumps(body)
         request = self.http.build_request(
             "POST",

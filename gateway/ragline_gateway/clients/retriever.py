@@ -36,6 +36,7 @@ class RetrieverClient(UpstreamClient):
     ) -> httpx.Response:
         """One document-management request passed through as it came: the retriever owns
         those bodies and their errors, so the gateway neither re-validates nor rewraps them."""
+        self.check_reachable()
         headers = request_headers()
         if content_type:
             headers["content-type"] = content_type
