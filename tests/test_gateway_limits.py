@@ -38,6 +38,9 @@ ENTRIES = [
     # Limits it never reaches, but limits: its requests go through Redis.
     {"id": "steady", "tenant": "limits", "scopes": ["chat"], "collections": ["default"],
      "requests_per_minute": 100000, "max_streams": 100},
+    # An ingesting client: polls its jobs while its questions need the same key's rate.
+    {"id": "ingester", "tenant": "limits", "scopes": ["admin", "chat"],
+     "collections": ["default"], "requests_per_minute": 3, "max_streams": 0},
 ]  # fmt: skip
 
 
@@ -98,6 +101,77 @@ def test_requests_per_minute_hold_across_two_gateways(setup: Setup) -> None:
         assert 1 <= int(r.headers["retry-after"]) <= 60
     # Another key is not affected.
     assert ask(a, setup.keys["steady"]).status_code == 200
+
+
+def test_polling_jobs_costs_a_key_none_of_its_rate(setup: Setup) -> None:
+    url, key = setup.gateways["a"].url, setup.keys["ingester"]
+    with httpx.Client(base_url=url, headers=bearer(key), timeout=30) as client:
+        # Far more reads than the key's 3 a minute: a job's progress, the lists.
+        for _ in range(10):
+            assert client.get("/api/jobs").status_code == 200
+            assert client.get("/api/collections").status_code == 200
+            assert_error(client.get(f"/api/jobs/{'0' * 32}"), 404, "job_not_found")
+    # Its questions still have their whole rate ...
+    assert [ask(url, key).status_code for _ in range(3)] == [200, 200, 200]
+    assert_error(ask(url, key), 429, "rate_limited")
+    # ... and writes are still charged like questions.
+    with httpx.Client(base_url=url, headers=bearer(key), timeout=30) as client:
+        body = {"documents": [{"id": "limits-doc", "text": "A document."}]}
+        assert_error(
+            client.post("/api/collections/default/documents", json=body), 429, "rate_limited"
+        )
+
+
+def test_lease_renewals_log_under_no_request_id(tmp_path: Path) -> None:
+    """The renewer serves every stream of the replica; it was logging its Redis errors under
+    the id of whichever request first held a lease, long finished."""
+    import asyncio
+    import logging
+
+    import redis.asyncio as aioredis
+
+    from ragline_common.logs import request_id_var
+    from ragline_gateway.auth import Caller
+    from ragline_gateway.limits import RedisLimiter
+
+    port = free_port()
+    server = redis_server(port, tmp_path / "redis").start()
+    # (message, the request id the JSON formatter would write: read where the log call ran)
+    records: list[tuple[str, str]] = []
+    logged = asyncio.Event()
+
+    def emit(record: logging.LogRecord) -> None:
+        records.append((record.getMessage(), request_id_var.get()))
+        logged.set()
+
+    handler = logging.Handler()
+    handler.emit = emit  # type: ignore[method-assign]
+    logging.getLogger("ragline.limits").addHandler(handler)
+
+    async def scenario() -> None:
+        client = aioredis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
+        limiter = RedisLimiter(client, on_redis_error="closed", lease_ttl_s=5)
+        caller = Caller("renewing", "t", frozenset({"chat"}), ("*",), 0, 4)
+        token = request_id_var.set("first-request")
+        await limiter.acquire(caller, stream=True)
+        request_id_var.reset(token)
+        server.stop()  # the next renewal (every ttl/3) fails and is logged
+        try:
+            await asyncio.wait_for(logged.wait(), 15)
+        except TimeoutError:
+            pass  # asserted below
+        await limiter.aclose()
+        await client.aclose()
+
+    try:
+        server.wait_ready(30)
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+        logging.getLogger("ragline.limits").removeHandler(handler)
+    renewals = [rid for msg, rid in records if "renew" in msg]
+    assert renewals, "no renewal failure was logged"
+    assert set(renewals) == {"-"}
 
 
 def test_concurrent_streams_hold_across_two_gateways(setup: Setup) -> None:

@@ -19,12 +19,14 @@ from pydantic import AfterValidator
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
 from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN, check_doc_id
-from ragline_gateway.admission import admin_caller
+from ragline_gateway.admission import admin_caller, admin_reader
 from ragline_gateway.auth import Caller
 from ragline_gateway.clients.base import UpstreamError
 
 router = APIRouter(prefix="/api")
 Admin = Annotated[Caller, Depends(admin_caller)]
+# Cheap reads a client polls (job progress, the lists): not charged to the key's rate.
+AdminRead = Annotated[Caller, Depends(admin_reader)]
 
 Collection = Annotated[str, Path(pattern=COLLECTION_PATTERN)]
 DocId = Annotated[str, Path(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
@@ -77,7 +79,7 @@ async def _owned_job(request: Request, caller: Caller, job_id: str) -> Response:
 
 
 @router.get("/collections")
-async def list_collections(request: Request, caller: Admin) -> Response:
+async def list_collections(request: Request, caller: AdminRead) -> Response:
     upstream = await _pass(request, "/v1/collections")
     if upstream.status_code != 200:
         return upstream
@@ -123,7 +125,7 @@ async def verify(collection: Collection, request: Request, caller: Admin) -> Res
 
 
 @router.get("/jobs")
-async def list_jobs(request: Request, caller: Admin) -> Response:
+async def list_jobs(request: Request, caller: AdminRead) -> Response:
     upstream = await _pass(request, "/v1/jobs")
     if upstream.status_code != 200:
         return upstream
@@ -133,7 +135,7 @@ async def list_jobs(request: Request, caller: Admin) -> Response:
 
 
 @router.get("/jobs/{job_id}")
-async def get_job(job_id: JobId, request: Request, caller: Admin) -> Response:
+async def get_job(job_id: JobId, request: Request, caller: AdminRead) -> Response:
     return await _owned_job(request, caller, job_id)
 
 

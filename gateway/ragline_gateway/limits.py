@@ -19,6 +19,7 @@ limiter with the same rules serves one replica, with a warning at start-up.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -181,7 +182,11 @@ class RedisLimiter:
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.create_task(self._renew_forever())
+            # Started by whichever request first held a lease, but serving every stream after
+            # it: an empty context, or its log lines would name that long-finished request.
+            self._renewer = asyncio.create_task(
+                self._renew_forever(), context=contextvars.Context()
+            )
 
     async def _renew_forever(self) -> None:
         """Renews every held lease a few times per ttl, one script call per key."""
