@@ -604,6 +604,7 @@ def test_ingress_is_sse_safe_and_routes_the_api(objects: tuple[dict[str, Any], .
         "/v1": ("Prefix", "gateway", "http"),
         "/api": ("Prefix", "gateway", "http"),
         "/healthz": ("Exact", "gateway", "http"),
+        "/readyz": ("Exact", "gateway", "http"),  # public, as the README says
         "/": ("Prefix", "web", "http"),
     }
     assert _routes(uploads) == {"/api/collections": ("Prefix", "gateway", "http")}
