@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from ragline_cli.processes import free_port
@@ -124,6 +125,20 @@ def test_question_puts_the_answering_document_first(client: httpx.Client, ingest
         assert len(body["hits"]) <= 3
         scores = [h["score"] for h in body["hits"]]
         assert scores == sorted(scores, reverse=True)
+
+
+def test_a_healthy_retriever_logs_no_errors(
+    service: Service, client: httpx.Client, ingested: dict
+) -> None:
+    """An operator greps a service log for errors; a healthy one has none. Milvus Lite's
+    in-process gRPC server logged a traceback for every index it built."""
+    retrieve(client, "tardigrade")
+    errors = [
+        line
+        for line in service.proc.log_path.read_text().splitlines()
+        if line.startswith("{") and orjson.loads(line)["level"] in ("error", "critical")
+    ]
+    assert errors == []
 
 
 def test_filters_restrict_results(client: httpx.Client, ingested: dict) -> None:

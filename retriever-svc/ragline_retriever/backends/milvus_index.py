@@ -44,6 +44,20 @@ from ragline_retriever.backends.base import (
 )
 
 log = logging.getLogger("ragline.retriever.milvus")
+
+
+class _LiteUnimplemented(logging.Filter):
+    """Milvus Lite serves pymilvus over an in-process gRPC server that lacks a few calls
+    (AllocTimestamp, asked for while an index is built); pymilvus carries on without them,
+    but grpc logs each refusal as an error with a traceback, so a healthy retriever's log
+    showed errors. Only those refusals are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and "Method not implemented" in str(exc))
+
+
+logging.getLogger("grpc._server").addFilter(_LiteUnimplemented())
 T = TypeVar("T")
 
 # The hidden maps are never among them: they are for filtering only.
