@@ -9,6 +9,13 @@ A request goes through three stages:
    count after truncation, and its features. The pairs are then sorted by length and cut
    into chunks that each fit one pass (`packing.plan_chunks`), and the chunks are queued.
    Tokenizing off the event loop and off the model thread lets it overlap the running pass.
+   The two threads never share a tokenizer: a fast (Rust) tokenizer sets its truncation
+   and padding state on every call, so one shared between `encode` here and a forward
+   pass that pads (`SentenceTransformer.encode`, `CrossEncoder.predict`) let one thread
+   switch padding off under the other, and the whole pass failed with "Unable to create
+   tensor" (issue 14). The scorer's `encode` uses a tokenizer copy of its own, its
+   `forward` the model's (see `scorers`); each executor has a single worker, so each
+   tokenizer object is only ever used by one thread.
 3. **Forward pass**, in the single model thread: the worker takes the oldest chunk plus,
    in arrival order, every queued chunk that still fits the pass (first fit), and scores
    them together. Scores are scattered back to each caller's order.

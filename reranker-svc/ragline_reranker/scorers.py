@@ -25,10 +25,24 @@ silently ranking real answers with it.
 
 On CUDA the weights are cast to the configured dtype (float16 by default) and every pass
 runs under `torch.inference_mode`; scores are upcast to float32 before the activation.
+
+**One tokenizer per thread.** `encode` and `forward` run at the same time in two threads.
+A Hugging Face fast tokenizer is not safe to share between them: every call first sets
+the Rust tokenizer's truncation and padding for that call (`enable_padding`,
+`no_padding`, ...) and then encodes, and the two steps are not atomic. With one shared
+tokenizer, `encode` (no padding) switched padding off between `forward`'s
+`SentenceTransformer.encode` (or `CrossEncoder.predict`) setting it and using it, and the
+whole pass failed with "Unable to create tensor ... activate truncation and/or padding"
+(500 for every request in it; issue 14); the other way round, `encode` could count padded
+lengths. So `encode` uses a private copy of the tokenizer (`_encode_tokenizer`, made at
+load, about 50 ms) that nothing else touches, and `forward` uses only the model's own
+tokenizer, or on the fast path no tokenizer at all (the pad values are read at load).
+Each tokenizer object is thus only ever used by one thread at a time.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -142,6 +156,17 @@ def _scores_column(scores: torch.Tensor, n: int) -> list[float]:
     return [float(s) for s in scores.float().reshape(n, -1)[:, 0].cpu().tolist()]
 
 
+def _pad_values(tokenizer: Any) -> tuple[dict[str, int], bool] | None:
+    """What padding fills each field with, and whether it pads on the left."""
+    if tokenizer is None:
+        return None
+    fill = {
+        "input_ids": tokenizer.pad_token_id or 0,
+        "token_type_ids": tokenizer.pad_token_type_id,
+    }
+    return fill, tokenizer.padding_side == "left"
+
+
 def score_in_chunks(scorer: Scorer, pairs: Sequence[Pair], max_tokens: int) -> list[float]:
     """Scores of `pairs` without a batcher: sorted by length, cut by `max_tokens`."""
     if not pairs:
@@ -184,7 +209,11 @@ class CrossEncoderScorer:
                 "answers. Use a real cross-encoder checkpoint or the bi-encoder scorer."
             )
         first = self._model[0]
+        # The model's own tokenizer: `predict` uses it in the model thread. `encode` gets a
+        # copy of its own (see the module docstring: one tokenizer per thread).
         self._tokenizer = first.tokenizer if isinstance(first, Transformer) else None
+        self._encode_tokenizer = copy.deepcopy(self._tokenizer)
+        self._pad_values = _pad_values(self._tokenizer)
         limit = token_limit(self._tokenizer, self._model.model.config)
         self.max_length = effective_max_length(max_length, limit)
         self._model.max_seq_length = self.max_length  # predict() truncates there too
@@ -207,8 +236,9 @@ class CrossEncoderScorer:
     # -- fast path: token ids kept from `encode`, padded in `forward` ---------------------
 
     def _tokenize(self, pairs: Sequence[Pair]) -> dict[str, list[list[int]]]:
-        assert self._tokenizer is not None
-        enc = self._tokenizer(
+        """Token ids of `pairs`, truncated, unpadded: with `encode`'s own tokenizer."""
+        assert self._encode_tokenizer is not None
+        enc = self._encode_tokenizer(
             [q for q, _ in pairs],
             [d for _, d in pairs],
             truncation="longest_first",
@@ -217,12 +247,13 @@ class CrossEncoderScorer:
         return {key: list(values) for key, values in enc.items()}
 
     def _collate(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Pad per-pair token ids into tensors, as the tokenizer's own padding would."""
-        assert self._tokenizer is not None
-        tok = self._tokenizer
+        """Pad per-pair token ids into tensors, as the tokenizer's own padding would.
+
+        Runs in the model thread, so it calls no tokenizer: the pad values were read at load.
+        """
+        assert self._pad_values is not None
+        fill, left = self._pad_values
         width = max(len(f["input_ids"]) for f in features)
-        fill = {"input_ids": tok.pad_token_id or 0, "token_type_ids": tok.pad_token_type_id}
-        left = tok.padding_side == "left"
         batch: dict[str, torch.Tensor] = {}
         for key in features[0]:
             pad = fill.get(key, 0)
@@ -268,7 +299,7 @@ class CrossEncoderScorer:
     def encode(self, pairs: Sequence[Pair]) -> Encoded:
         if not pairs:
             return Encoded([], [])
-        if self._tokenizer is None:  # no text tokenizer to ask: about 4 characters a token
+        if self._encode_tokenizer is None:  # no text tokenizer to ask: about 4 characters a token
             lengths = [min(self.max_length, 3 + (len(q) + len(d)) // 4) for q, d in pairs]
             return Encoded(lengths, [list(p) for p in pairs])
         enc = self._tokenize(pairs)
@@ -334,6 +365,9 @@ class BiEncoderScorer:
         self.device = device
         self.max_batch_tokens = max_batch_tokens or default_max_batch_tokens(device)
         self._model = SentenceTransformer(path, device=device, local_files_only=local_files_only)
+        # `forward` (SentenceTransformer.encode) pads with the model's tokenizer in the model
+        # thread; `encode` counts with a copy of its own (module docstring).
+        self._encode_tokenizer = copy.deepcopy(self._model.tokenizer)
         limit = self._model.max_seq_length or token_limit(self._model.tokenizer, None)
         self.max_length = effective_max_length(max_length, limit)
         self._model.max_seq_length = self.max_length
@@ -346,7 +380,7 @@ class BiEncoderScorer:
         if not pairs:
             return Encoded([], [])
         texts = [q for q, _ in pairs] + [d for _, d in pairs]
-        ids = self._model.tokenizer(texts, truncation=True, max_length=self.max_length)
+        ids = self._encode_tokenizer(texts, truncation=True, max_length=self.max_length)
         counts = [len(x) for x in ids["input_ids"]]
         n = len(pairs)
         return Encoded([max(counts[i], counts[n + i]) for i in range(n)], list(pairs))
