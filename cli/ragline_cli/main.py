@@ -1,40 +1,78 @@
 """`ragline`: run the local stack, ingest files, ask questions.
 
 ragline up                   the whole stack in the foreground (Ctrl-C stops it all)
+ragline status               each process of the local stack: pid, state, restarts, URL
 ragline ingest PATH          a file or a folder of .md/.txt/.rst/.html/.pdf files
 ragline ask "question"       stream an answer with its sources
 ragline verify COLLECTION    compare the lexical and dense indexes of a collection
 ragline eval DIR             retrieval quality on a BEIR-layout data set (in-process)
 ragline keys new ...         a new API key and its entry for the gateway's keys file
 
-ingest, ask and verify send the API key in RAGLINE_API_KEY when it is set.
+ingest, ask, verify and status talk to --url; without it, to RAGLINE_URL; without that,
+to the URL a running `ragline up` recorded in run/stack.json; else http://127.0.0.1:8080.
+They send the API key in RAGLINE_API_KEY when it is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import email.utils
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 
 from ragline_cli import evaluate, keys
 from ragline_cli.documents import iter_documents, iter_uploads
-from ragline_cli.stack import REPO_ROOT, Stack, StackConfig
+from ragline_cli.stack import (
+    REPO_ROOT,
+    Stack,
+    StackConfig,
+    default_run_dir,
+    pid_alive,
+    read_state,
+    running_url,
+)
 
 JOB_BATCH = 1000
 JOB_BYTES = 16 * 1024 * 1024
+FALLBACK_URL = "http://127.0.0.1:8080"
+# Job polls start this often and slow down (x POLL_GROWTH each time) to POLL_MAX_S:
+# every poll is a request that counts against the key's rate limit.
+POLL_MIN_S = 0.2
+POLL_MAX_S = 2.0
+POLL_GROWTH = 1.5
+# The most jobs one `GET /api/jobs` lists (the retriever's own bound).
+JOBS_LIST_LIMIT = 1000
+# Jobs missing from the list (older than the newest JOBS_LIST_LIMIT) polled one by one,
+# at most this many per round.
+SINGLE_POLLS_PER_ROUND = 10
+# How long polls may fail to connect (a restart of the stack) before ingest gives up.
+UNREACHABLE_GIVE_UP_S = 120.0
+RETRY_AFTER_MAX_S = 60.0
+# 503s with Retry-After waited out before the answer is taken as it is.
+UNAVAILABLE_RETRIES = 10
 
 
-def default_url() -> str:
-    return os.environ.get(
-        "RAGLINE_URL", f"http://127.0.0.1:{os.environ.get('RAGLINE_NGINX_PORT', 8080)}"
-    )
+class Unreachable(Exception):
+    """Nothing answers at the URL (or the connection broke): one line, exit code 2."""
+
+
+def default_url() -> tuple[str, str]:
+    """The URL the CLI talks to without --url, and where it came from."""
+    if os.environ.get("RAGLINE_URL"):
+        return os.environ["RAGLINE_URL"], "env RAGLINE_URL"
+    recorded = running_url()
+    if recorded:
+        return recorded, f"the running stack, {default_run_dir() / 'stack.json'}"
+    return FALLBACK_URL, "built-in"
 
 
 def auth_headers() -> dict[str, str]:
@@ -42,14 +80,40 @@ def auth_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
+def retry_after_s(response: httpx.Response, default: float = 1.0) -> float:
+    """The response's Retry-After in seconds (delta-seconds or an HTTP date), capped."""
+    value = response.headers.get("retry-after", "").strip()
+    seconds = default
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                seconds = default
+    return min(RETRY_AFTER_MAX_S, max(0.0, seconds))
+
+
 def send(client: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
     """One request, waiting out the key's rate limit (429 + Retry-After) as often as it
-    takes: a big ingest is many requests, and a limit is no reason to give up."""
+    takes, and a 503 that says when to come back (Retry-After) a few times: a big ingest
+    is many requests, and a limit or a restarting service is no reason to give up."""
+    unavailable = 0
     while True:
         response = client.request(method, url, **kwargs)
-        if response.status_code != 429:
-            return response
-        time.sleep(min(60.0, float(response.headers.get("retry-after", "1"))))
+        if response.status_code == 429:
+            time.sleep(retry_after_s(response))
+            continue
+        if (
+            response.status_code == 503
+            and "retry-after" in response.headers
+            and unavailable < UNAVAILABLE_RETRIES
+        ):
+            unavailable += 1
+            time.sleep(retry_after_s(response))
+            continue
+        return response
 
 
 def _submitted(response: httpx.Response) -> dict[str, Any]:
@@ -58,34 +122,84 @@ def _submitted(response: httpx.Response) -> dict[str, Any]:
     return response.json()
 
 
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+class _Poller:
+    """Reads the state of many jobs in as few requests as it can: one `GET /api/jobs`
+    per collection per round (the newest JOBS_LIST_LIMIT jobs), and `GET /api/jobs/ID`
+    only for a job that list does not show (or where the list route is unavailable)."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self.use_list = True
+
+    def poll(self, pending: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The jobs of `pending` (by id) as the server has them now; a job not read this
+        round is left out. Raises httpx.TransportError when nothing answers."""
+        seen: dict[str, dict[str, Any]] = {}
+        if self.use_list:
+            collections = {j.get("collection") for j in pending.values()} - {None}
+            for collection in sorted(collections):
+                listed = self._list(collection, len(pending))
+                if listed is None:
+                    break
+                seen.update({j["job_id"]: j for j in listed if j["job_id"] in pending})
+        missing = [job_id for job_id in pending if job_id not in seen]
+        for job_id in missing[:SINGLE_POLLS_PER_ROUND]:
+            response = send(self.client, "GET", f"/api/jobs/{job_id}")
+            if response.status_code >= 500:
+                continue
+            seen[job_id] = response.raise_for_status().json()
+        return seen
+
+    def _list(self, collection: str, count: int) -> list[dict[str, Any]] | None:
+        params = {"collection": collection, "limit": min(JOBS_LIST_LIMIT, max(100, count))}
+        response = send(self.client, "GET", "/api/jobs", params=params)
+        if response.status_code in (404, 405):
+            self.use_list = False  # a server without the list: one request per job
+            return None
+        if response.status_code != 200:
+            return []  # for now: the missing jobs are polled one by one
+        jobs = response.json().get("jobs")
+        return jobs if isinstance(jobs, list) else []
+
+
 def wait_for_jobs(client: httpx.Client, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Polls until every job has ended, showing progress on stderr; the ended jobs."""
-    ended: dict[str, dict[str, Any]] = {}
+    """Polls until every job has ended, showing progress on stderr; the ended jobs.
+
+    Polls start POLL_MIN_S apart and slow down to POLL_MAX_S, each round one list
+    request per collection; a 429 or 503 with Retry-After is waited out (`send`)."""
+    latest = {j["job_id"]: j for j in jobs}
     total = sum(j["documents"] for j in jobs) or 1
+    poller = _Poller(client)
+    interval = POLL_MIN_S
+    unreachable_since: float | None = None
     last = ""
-    while len(ended) < len(jobs):
-        done = 0
-        for job in jobs:
-            if job["job_id"] not in ended:
-                try:
-                    response = send(client, "GET", f"/api/jobs/{job['job_id']}")
-                except httpx.TransportError:
-                    continue  # a restart or a blip: the job is durable, poll again
-                if response.status_code >= 500:
-                    continue
-                job = response.raise_for_status().json()
-                if job["status"] in ("succeeded", "failed", "cancelled"):
-                    ended[job["job_id"]] = job
-            done += ended.get(job["job_id"], job)["documents_done"]
+    while True:
+        pending = {k: j for k, j in latest.items() if j["status"] not in ENDED}
+        if pending:
+            try:
+                latest.update(poller.poll(pending))
+                unreachable_since = None
+            except httpx.TransportError:
+                # A restart or a blip: the jobs are durable, poll again, for a while.
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > UNREACHABLE_GIVE_UP_S:
+                    raise
+        done = sum(j.get("documents_done", 0) for j in latest.values())
         line = f"\ringesting: {done}/{total} documents"
         if sys.stderr.isatty() and line != last:
             print(line, end="", file=sys.stderr, flush=True)
             last = line
-        if len(ended) < len(jobs):
-            time.sleep(0.2)
+        if all(j["status"] in ENDED for j in latest.values()):
+            break
+        time.sleep(interval)
+        interval = min(POLL_MAX_S, interval * POLL_GROWTH)
     if last:
         print(file=sys.stderr)
-    return [ended[j["job_id"]] for j in jobs]
+    return [latest[j["job_id"]] for j in jobs]
 
 
 def _batches(docs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -208,7 +322,7 @@ def ask(url: str, question: str, collection: str | None) -> int:
 
 def up(no_ingest: bool) -> int:
     config = StackConfig()
-    stack = Stack(config)
+    stack = Stack(config, supervise=True, report=_say)
     stopping = False
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -217,45 +331,122 @@ def up(no_ingest: bool) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print("starting ragline (first start loads the embedding model; logs in run/logs/)")
+    print(
+        f"starting ragline (first start loads the embedding model; logs in {config.run_dir}/logs/)"
+    )
     try:
         stack.start()
         missing = config.missing_binaries()
         if missing:
             print(f"note: {' and '.join(missing)} not installed; running without (see README)")
-        if not no_ingest:
-            docs, chunks = ingest(config.public_url, REPO_ROOT / "samples", "default")
+        url = config.public_url
+        if not no_ingest and not stack.failed.is_set():
+            docs, chunks = ingest(url, REPO_ROOT / "samples", "default")
             print(f"ingested {docs} sample documents ({chunks} chunks) into 'default'")
-        print(f"\nragline is up: {config.public_url}")
-        print('  try: .venv/bin/ragline ask "How do honeybees tell each other where flowers are?"')
-        print("  Ctrl-C stops everything.")
+        if not stack.failed.is_set():
+            print(f"\nragline is up: {url}  (state: {stack.state_path})")
+            question = "How do honeybees tell each other where flowers are?"
+            print(f'  try: .venv/bin/ragline ask --url {url} "{question}"')
+            print("  .venv/bin/ragline status shows each process; Ctrl-C stops everything.")
         while not stopping:
-            dead = stack.dead()
-            if dead:
-                print(f"stopping: {', '.join(dead)} exited; see run/logs/", file=sys.stderr)
+            failure = stack.wait_failed(0.5)
+            if failure is not None:
+                print(f"ragline stopped: {failure}", file=sys.stderr)
                 return 1
-            time.sleep(0.5)
         return 0
     finally:
         print("stopping ragline ...")
         stack.stop()
 
 
+def _say(line: str) -> None:
+    print(f"ragline: {line}", file=sys.stderr, flush=True)
+
+
+def _probe(name: str, url: str) -> bool:
+    """Whether a child answers its readiness check now: redis PING, nginx /healthz (its
+    own), a service /readyz."""
+    parts = urlsplit(url)
+    if parts.scheme == "redis":
+        try:
+            with socket.create_connection((parts.hostname, parts.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except (OSError, TypeError):
+            return False
+    check = "/healthz" if name == "nginx" else "/readyz"
+    try:
+        return httpx.get(f"{url.rstrip('/')}{check}", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def status(url: str) -> int:
+    """The local stack as its supervisor recorded it, each child probed now; then whether
+    `url` answers. 0: all up and ready; 1: something is down; 2: nothing answers."""
+    state = read_state()
+    code = 0
+    if state is None:
+        print(f"no stack state in {default_run_dir() / 'stack.json'} (is `make up` running?)")
+    else:
+        alive = pid_alive(state.get("pid"))
+        what = state.get("state", "?")
+        if not alive and what not in ("stopped", "failed"):
+            what = "not running (the process that ran it has ended)"
+        print(f"stack: {what}  (supervisor pid {state.get('pid')}, {state.get('url')})")
+        if state.get("failure"):
+            print(f"  {state['failure']}")
+        rows = [("NAME", "PID", "STATE", "RESTARTS", "URL")]
+        for child in state.get("children", []):
+            recorded = child.get("state", "?")
+            if not alive or not pid_alive(child.get("pid")):
+                shown = "restarting" if alive and recorded == "restarting" else "down"
+            elif recorded == "restarting":
+                shown = "restarting"
+            else:
+                ok = _probe(child.get("name", ""), child.get("url", ""))
+                shown = "up" if ok else ("starting" if recorded == "starting" else "not ready")
+            if shown != "up":
+                code = 1
+            rows.append(
+                (child.get("name", "?"), str(child.get("pid") or "-"), shown,
+                 str(child.get("restarts", 0)), child.get("url", ""))
+            )  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join([*(c.ljust(w) for c, w in zip(row, widths, strict=False)), row[4]]))
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/readyz", timeout=5.0)
+    except httpx.TransportError as exc:
+        raise Unreachable(url) from exc
+    ready = response.status_code == 200
+    print(f"{url}: {'ready' if ready else f'not ready ({response.status_code})'}")
+    return code if ready else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    url_default, url_source = default_url()
     parser = argparse.ArgumentParser(
         prog="ragline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="run the whole stack in the foreground")
     p_up.add_argument("--no-ingest", action="store_true", help="do not ingest the sample corpus")
+    p_status = sub.add_parser("status", help="each process of the local stack, and the URL")
     p_ingest = sub.add_parser("ingest", help="ingest a file or a folder")
     p_ingest.add_argument("path", type=Path)
     p_ask = sub.add_parser("ask", help="ask a question and stream the answer")
     p_ask.add_argument("question")
     p_verify = sub.add_parser("verify", help="compare the two indexes of a collection")
     p_verify.add_argument("collection")
-    for p in (p_ingest, p_ask, p_verify):
-        p.add_argument("--url", default=default_url(), help="ragline's URL (env RAGLINE_URL)")
+    for p in (p_ingest, p_ask, p_verify, p_status):
+        p.add_argument(
+            "--url",
+            default=url_default,
+            help=f"ragline's URL (default: %(default)s, from {url_source}; precedence: "
+            "--url, env RAGLINE_URL, the URL a running `ragline up` recorded in "
+            f"run/stack.json, {FALLBACK_URL})",
+        )
     for p in (p_ingest, p_ask):
         p.add_argument("--collection", default=None)
     evaluate.add_parser(sub)
@@ -265,17 +456,39 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate.run(args)
     if args.command == "keys":
         return keys.run(args)
-    if args.command == "verify":
-        return verify(args.url, args.collection)
     if args.command == "up":
         return up(args.no_ingest)
+    if args.command == "ingest" and not args.path.exists():
+        parser.error(f"{args.path} does not exist")
+    try:
+        return _remote(args)
+    except (Unreachable, httpx.TransportError) as exc:
+        print(_unreachable_line(args.url, exc), file=sys.stderr)
+        return 2
+    except httpx.HTTPStatusError as exc:
+        print(f"ragline: {exc.response.status_code} from {exc.request.url}", file=sys.stderr)
+        return 1
+
+
+def _remote(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        return status(args.url)
+    if args.command == "verify":
+        return verify(args.url, args.collection)
     if args.command == "ingest":
-        if not args.path.exists():
-            parser.error(f"{args.path} does not exist")
         docs, chunks = ingest(args.url, args.path, args.collection or "default")
         print(f"ingested {docs} documents ({chunks} chunks)")
         return 0
     return ask(args.url, args.question, args.collection)
+
+
+def _unreachable_line(url: str, exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, Unreachable) else exc
+    if isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
+        return f"ragline: nothing answers at {url}: is `make up` running? (or pass --url)"
+    if isinstance(cause, httpx.TimeoutException):
+        return f"ragline: {url} did not answer in time ({type(cause).__name__})"
+    return f"ragline: lost the connection to {url}: {cause or type(cause).__name__}"
 
 
 if __name__ == "__main__":

@@ -59,6 +59,29 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status once it has ended (negative: the signal that ended it)."""
+        return self.proc.poll() if self.proc is not None else None
+
+    def is_ready(self) -> bool:
+        """Alive and answering its readiness check (no check: alive is ready)."""
+        return self.alive() and (self.ready is None or self.ready())
+
+    def reap_group(self) -> None:
+        """After the process itself has died: end what it left behind in its session
+        (worker processes of a killed service would otherwise hold its port or files)."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -149,9 +172,13 @@ def nginx(port: int, gateway: str, prefix: Path, web_root: Path) -> ManagedProce
         prefix=prefix, listen=f"127.0.0.1:{port}", gateway=gateway, web_root=web_root
     )
     (prefix / "nginx.conf").write_text(conf)
+    # Started by root (CI, a container shell), nginx runs its workers as `nobody`, who may
+    # not write the temp folders under `prefix`: every request body larger than the 16k
+    # buffer then failed with a 500. Workers run as whoever started the stack.
+    directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
     argv = [
         nginx_binary() or "nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-        "-e", str(prefix / "error.log"), "-g", "daemon off;",
+        "-e", str(prefix / "error.log"), "-g", directives,
     ]  # fmt: skip
     return ManagedProcess(
         "nginx", argv, prefix / "nginx.out", ready=http_ready(f"http://127.0.0.1:{port}/healthz")
