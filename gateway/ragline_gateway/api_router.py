@@ -4,14 +4,13 @@ in pipeline.py; the wire formats in streaming.py."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from ragline_common.disconnects import unless_disconnected
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
 from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN
@@ -25,7 +24,6 @@ from ragline_gateway.settings import GatewaySettings
 from ragline_gateway.streaming import AnswerResponse, OpenAIChunks, native_sse, openai_completion
 
 router = APIRouter()
-T = TypeVar("T")
 
 
 def _valid(pattern: str, value: str) -> bool:
@@ -152,7 +150,9 @@ async def chat_completions(
         chunks = OpenAIChunks(prepared, body.model, include_usage)
         return _respond(prepared, ticket, chunks.render(pipeline.events(prepared)))
     try:
-        completion = await _unless_disconnected(
+        # A non-streamed answer sends nothing until its end: without watching for the
+        # client's departure it would generate, holding its slot, for nobody.
+        completion = await unless_disconnected(
             request, openai_completion(prepared, body.model, pipeline.events(prepared))
         )
     finally:
@@ -161,32 +161,6 @@ async def chat_completions(
         # Nobody to answer: the status is for the access log (nginx's "client closed").
         return Response(status_code=499)
     return JsonResponse(completion)
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None once the client has gone, with `work` cancelled then.
-
-    A streamed answer notices a departed client when a frame cannot be sent; a non-streamed
-    one sends nothing until the end, so without this it would generate (and hold its stream
-    slot) to the last token for nobody. The body has been read by now, so the next message
-    from the server is the disconnect.
-    """
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()  # closes the llm-svc stream, which aborts the generation there
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    return task.result() if not task.cancelled() else None
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 @router.get("/v1/models")

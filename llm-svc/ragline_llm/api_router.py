@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
-from contextlib import suppress
-from typing import Any
-
 from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ragline_common.disconnects import unless_disconnected
 from ragline_common.errors import error_response
 from ragline_common.responses import JsonResponse
 from ragline_llm.protocol import ChatCompletionRequest
@@ -42,39 +38,11 @@ def _serving(request: Request) -> ChatServing:
     return request.app.state.serving
 
 
-async def _until_disconnect(request: Request) -> None:
-    """Returns when the client has gone (the request body has been read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """`work`'s result, or None once the client has gone, `work` being cancelled then.
-
-    Starlette does not cancel a handler whose client left, so without this a non-streamed
-    completion would run to its end for nobody, and a stream waiting for its first token
-    (a long prompt, a long engine queue) would wait for it. Cancelling `work` closes the
-    engine stream, which aborts the generation. Once a stream's response has started, its
-    closing body does the same.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
-    return None if task.cancelled() else task.result()
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     serving = _serving(request)
     work = serving.stream(body) if body.stream else serving.complete(body)
-    result = await _cancel_on_disconnect(request, work)
+    result = await unless_disconnected(request, work)
     if result is None:  # nobody is listening; the status is for the access log only
         return error_response(499, "client_closed", "client closed the request")
     return SseResponse(result) if body.stream else JsonResponse(result)
