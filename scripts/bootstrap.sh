@@ -62,9 +62,7 @@ ensure_uv() {
     { tail -n 20 "$UV_VENV/install.log" >&2; exit 1; }
 }
 uv() {
-  local links=()
-  [ -n "${PIP_FIND_LINKS:-}" ] && links=(--find-links "$PIP_FIND_LINKS")
-  UV_NATIVE_TLS=1 "$UV_VENV/bin/uv" "$@" "${links[@]}"
+  UV_NATIVE_TLS=1 "$UV_VENV/bin/uv" "$@"
 }
 
 # install VENV ARGS: uv pip install into VENV, with a line of progress, its output appended to
@@ -74,7 +72,9 @@ install() {
   shift
   ensure_uv
   echo "installing into $venv: $* (log: $log)"
-  if ! uv pip install --python "$venv/bin/python" --no-sources "$@" >>"$log" 2>&1; then
+  local links=()
+  [ -n "${PIP_FIND_LINKS:-}" ] && links=(--find-links "$PIP_FIND_LINKS")
+  if ! uv pip install --python "$venv/bin/python" --no-sources "${links[@]}" "$@" >>"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "install failed; full log in $log" >&2
     exit 1
