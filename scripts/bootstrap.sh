@@ -58,11 +58,11 @@ ensure_uv() {
   [ -x "$UV_VENV/bin/uv" ] && return 0
   make_venv "$UV_VENV"
   echo "installing uv into $UV_VENV"
-  "$UV_VENV/bin/python" -m pip -q --disable-pip-version-check install 'uv>=0.5' >"$UV_VENV/install.log" 2>&1 ||
+  "$UV_VENV/bin/python" -m pip -q --disable-pip-version-check install 'uv>=0.13,<0.14' >"$UV_VENV/install.log" 2>&1 ||
     { tail -n 20 "$UV_VENV/install.log" >&2; exit 1; }
 }
 uv() {
-  UV_NATIVE_TLS=1 "$UV_VENV/bin/uv" "$@"
+  UV_SYSTEM_CERTS=1 "$UV_VENV/bin/uv" "$@"
 }
 
 # install VENV ARGS: uv pip install into VENV, with a line of progress, its output appended to
