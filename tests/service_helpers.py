@@ -3,6 +3,7 @@ the error envelope every service answers with."""
 
 from __future__ import annotations
 
+import http.client
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -76,6 +77,18 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert error["code"] == code
     assert error["message"]
     assert error["request_id"] == response.headers["x-request-id"]
+
+
+def raw_get(base_url: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    """GET `path` exactly as written (`..`, `%2F` and all), which httpx would normalise; the
+    answer as an httpx.Response."""
+    conn = http.client.HTTPConnection(base_url.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        answer = conn.getresponse()
+        return httpx.Response(answer.status, headers=answer.getheaders(), content=answer.read())
+    finally:
+        conn.close()
 
 
 def post_malformed(url: str, content: bytes) -> httpx.Response:

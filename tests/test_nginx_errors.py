@@ -18,7 +18,6 @@ errors passed through untouched).
 
 from __future__ import annotations
 
-import http.client
 import http.server
 import json
 import socket
@@ -32,6 +31,8 @@ import pytest
 
 from ragline_cli.processes import ManagedProcess, free_port, nginx, nginx_binary
 from ragline_cli.stack import REPO_ROOT
+
+from service_helpers import raw_get
 
 READY_TIMEOUT_S = 30
 
@@ -250,19 +251,13 @@ def test_the_web_page_is_served_while_the_gateway_is_away(unreachable: str) -> N
     ],
 )
 def test_a_dot_dot_segment_is_a_json_400(no_gateway: str, path: str) -> None:
-    conn = http.client.HTTPConnection(no_gateway.removeprefix("http://"), timeout=10)
-    try:
-        conn.request("GET", path, headers={"x-request-id": "traversal-1"})
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    assert response.status == 400, body
-    assert response.getheader("content-type") == "application/json"
-    error = httpx.Response(400, content=body).json()["error"]
+    response = raw_get(no_gateway, path, {"x-request-id": "traversal-1"})
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
     assert error["code"] == "bad_request" and error["message"]
     # nginx refuses a path above the root before it reads the headers: then its own id.
-    assert error["request_id"] == response.getheader("x-request-id")
+    assert error["request_id"] == response.headers["x-request-id"]
     if not path.startswith("/api/..%2F..%2F"):
         assert error["request_id"] == "traversal-1"
 

@@ -10,7 +10,6 @@ X-Request-ID) the 503. Dot-dot paths are a JSON 400, /metrics a JSON 404; the pa
 
 from __future__ import annotations
 
-import http.client
 from collections.abc import Iterator
 
 import httpx
@@ -18,6 +17,8 @@ import pytest
 
 from ragline_cli.processes import ManagedProcess, free_port, nginx_binary
 from ragline_cli.stack import REPO_ROOT
+
+from service_helpers import raw_get
 
 CONF = REPO_ROOT / "deploy" / "k8s" / "base" / "web" / "nginx.conf"
 
@@ -104,13 +105,7 @@ def test_metrics_are_not_served_here(web: str) -> None:
 
 @pytest.mark.parametrize("path", ["/api/..%2Findex.html", "/x/%2e%2e/index.html", "/a/../app.js"])
 def test_a_dot_dot_segment_is_a_json_400(web: str, path: str) -> None:
-    conn = http.client.HTTPConnection(web.removeprefix("http://"), timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    assert response.status == 400, body
-    assert response.getheader("content-type") == "application/json"
-    assert httpx.Response(400, content=body).json()["error"]["code"] == "bad_request"
+    response = raw_get(web, path)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "bad_request"
