@@ -295,8 +295,14 @@ ALLOWED: dict[str, set[tuple[int, str]]] = {
     "reranker": WHOLE,  # and `degraded: ["rerank"]`, checked below
     # Refused before streaming.
     "retriever": WHOLE | {(503, "retrieval_unavailable")},
-    # Refused before the first token, or an SSE error event mid-answer.
-    "llm": WHOLE | {(503, "generation_unavailable"), (200, "error:generation_failed")},
+    # Refused before the first token; mid-answer an SSE error event, or (not streamed,
+    # nothing sent yet) a 503 with Retry-After.
+    "llm": WHOLE
+    | {
+        (503, "generation_unavailable"),
+        (200, "error:generation_failed"),
+        (503, "generation_failed"),
+    },
     # Cache and memory are skipped; without per-key limits nothing else needs Redis.
     "redis": WHOLE,
     # nginx answers for a gateway it cannot reach. Streams the dead gateway was serving end

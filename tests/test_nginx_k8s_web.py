@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from ragline_cli.processes import ManagedProcess, free_port, nginx_binary
+from ragline_cli.processes import ManagedProcess, free_port, nginx_binary, nginx_command
 from ragline_cli.stack import REPO_ROOT
 
 from service_helpers import raw_get
@@ -31,18 +31,18 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     prefix = tmp_path_factory.mktemp("k8s-web")
     port = free_port()
     text = CONF.read_text()
+    # /tmp/ first: the repo itself may lie under /tmp/ (a CI clone).
     for old, new in {
+        "/tmp/": f"{prefix}/",
         "listen 8080;": f"listen 127.0.0.1:{port};",
         "/usr/share/ragline/web": str(REPO_ROOT / "web"),
-        "/tmp/": f"{prefix}/",
         "access_log /dev/stdout;": f"access_log {prefix}/access.log;",
     }.items():
         assert old in text, old
         text = text.replace(old, new)
     conf = prefix / "nginx.conf"
     conf.write_text(text)
-    argv = [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
-            "-g", "daemon off;"]  # fmt: skip
+    argv = nginx_command(prefix, conf)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:

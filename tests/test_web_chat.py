@@ -540,8 +540,9 @@ def test_gateway_down_and_network_failure_are_shown(chat: Chat, tmp_path: Path) 
         chat.ask(QUESTION)
         turn = chat.wait_turn("error")
         notice = turn.locator(".notice-error").inner_text()
-        assert "unavailable" in notice and "502" in notice, notice
-        assert turn.get_attribute("data-status") == "502"
+        # nginx answers for the gateway it cannot reach: 503 with the envelope and a wait.
+        assert "unavailable" in notice and "503" in notice and "Try again in" in notice, notice
+        assert turn.get_attribute("data-status") == "503"
         assert "unavailable" in chat.page.locator("#status").inner_text()
         assert chat.page.is_enabled("#send") and chat.page.is_disabled("#stop")
         proc.stop()  # now nothing answers at all

@@ -172,17 +172,25 @@ def nginx(port: int, gateway: str, prefix: Path, web_root: Path) -> ManagedProce
         prefix=prefix, listen=f"127.0.0.1:{port}", gateway=gateway, web_root=web_root
     )
     (prefix / "nginx.conf").write_text(conf)
-    # Started by root (CI, a container shell), nginx runs its workers as `nobody`, who may
-    # not write the temp folders under `prefix`: every request body larger than the 16k
-    # buffer then failed with a 500. Workers run as whoever started the stack.
+    return ManagedProcess(
+        "nginx",
+        nginx_command(prefix, prefix / "nginx.conf"),
+        prefix / "nginx.out",
+        ready=http_ready(f"http://127.0.0.1:{port}/healthz"),
+    )
+
+
+def nginx_command(prefix: Path, conf: Path) -> list[str]:
+    """nginx in the foreground with `conf`, its pid, logs and temp files under `prefix`.
+
+    Started by root (CI, a container shell), nginx runs its workers as `nobody`, who may not
+    write the temp folders under `prefix`: every request body past the 16k buffer failed
+    with a 500. The workers run as whoever started the stack."""
     directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
-    argv = [
-        nginx_binary() or "nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+    return [
+        nginx_binary() or "nginx", "-p", str(prefix), "-c", str(conf),
         "-e", str(prefix / "error.log"), "-g", directives,
     ]  # fmt: skip
-    return ManagedProcess(
-        "nginx", argv, prefix / "nginx.out", ready=http_ready(f"http://127.0.0.1:{port}/healthz")
-    )
 
 
 def nginx_binary() -> str | None:

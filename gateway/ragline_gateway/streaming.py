@@ -135,7 +135,8 @@ class OpenAIChunks:
 async def openai_completion(
     p: PreparedAnswer, model: str, events: AsyncIterator[Event]
 ) -> dict[str, Any]:
-    """The non-streamed OpenAI response; an upstream failure mid-answer raises ApiError."""
+    """The non-streamed OpenAI response; an upstream failure mid-answer raises ApiError
+    (503 with Retry-After)."""
     parts: list[str] = []
     done: dict[str, Any] = {}
     async for name, payload in events:
@@ -144,7 +145,9 @@ async def openai_completion(
         elif name == "done":
             done = payload
         elif name == "error":
-            raise ApiError(502, payload["code"], payload["message"])
+            # Nothing was sent yet: the client gets what a dependency failure gets, a 503
+            # it may retry (OpenAI SDKs do), not a 502 that reads as a broken gateway.
+            raise ApiError(503, payload["code"], payload["message"], {"Retry-After": "5"})
     return {
         "id": completion_id(),
         "object": "chat.completion",
