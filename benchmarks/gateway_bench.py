@@ -75,7 +75,6 @@ from streamclient import (
     stream_llm,
 )
 
-from ragline_cli.processes import ManagedProcess
 from ragline_cli.stack import Stack, StackConfig
 from ragline_common.passages import Passage
 from ragline_gateway.prompt import build_messages
@@ -275,11 +274,7 @@ class BenchStack:
         return {name: self.pid(name) for name in SERVICES if name in self.stack.processes}
 
     def restart(self, name: str, env: dict[str, str]) -> None:
-        old = self.stack.processes[name]
-        old.stop()
-        new = ManagedProcess(old.name, old.argv, old.log_path, {**old.env, **env}, old.ready)
-        self.stack.processes[name] = new.start()
-        new.wait_ready(self.config.ready_timeout_s)
+        self.stack.restart(name, env)
 
     def fixed_engine(self, tokens: int, interval_ms: float) -> None:
         if self.engine == (tokens, interval_ms):

@@ -231,7 +231,6 @@ class Stack:
         """`supervise`: once started, restart exited children in a background thread
         (see `Supervisor`); `report` gets its one-line events, `policy` its rules."""
         self.config = config
-        self.processes: dict[str, ManagedProcess] = {}
         self.children: dict[str, Child] = {}
         self.supervisor = Supervisor(self.children, policy, report, self.write_state)
         self.supervising = supervise
@@ -243,6 +242,11 @@ class Stack:
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    @property
+    def processes(self) -> dict[str, ManagedProcess]:
+        """Each child's current process, in start order (replace one with `restart`)."""
+        return {name: child.proc for name, child in self.children.items()}
 
     @property
     def state_path(self) -> Path:
@@ -313,8 +317,7 @@ class Stack:
         return self
 
     def _launch(self, proc: ManagedProcess, url: str, wait: bool = True) -> None:
-        self.processes[proc.name] = proc.start()
-        self.children[proc.name] = Child(proc, url)
+        self.children[proc.name] = Child(proc.start(), url)
         self.write_state()
         if wait:
             proc.wait_ready(self.config.ready_timeout_s)
@@ -329,11 +332,10 @@ class Stack:
         (same command and port), waiting until it is ready; the supervisor, if running,
         watches the new process. Returns it."""
         with self._lock:
-            old = self.processes[name]
+            child = self.children[name]
+            old = child.proc
             old.stop()
             new = dataclasses.replace(old, env={**old.env, **(env or {})}, proc=None).start()
-            self.processes[name] = new
-            child = self.children[name]
             child.proc, child.state, child.started_at = new, "starting", time.monotonic()
             self.write_state()
         new.wait_ready(self.config.ready_timeout_s)
@@ -344,11 +346,6 @@ class Stack:
             with self._lock:
                 if self._halt.is_set():
                     return
-                for name, proc in self.processes.items():  # replaced from outside
-                    child = self.children.get(name)
-                    if child is not None and child.proc is not proc:
-                        child.proc, child.state = proc, "starting"
-                        child.started_at = time.monotonic()
                 try:
                     self.supervisor.step()
                 except CrashLoop as exc:
@@ -378,10 +375,9 @@ class Stack:
     def _stop_children(self) -> None:
         """In reverse order of start, so nginx stops taking requests first."""
         self.write_state()
-        for name, proc in reversed(list(self.processes.items())):
-            proc.stop()
-            if name in self.children:
-                self.children[name].state = "down"
+        for child in reversed(list(self.children.values())):
+            child.proc.stop()
+            child.state = "down"
         if self._state != "failed":
             self._state = "stopped"
         self.write_state()
