@@ -108,8 +108,11 @@ def runtime() -> str:
 
 
 def image_config(runtime: str, service: str) -> dict[str, Any]:
-    out = run(runtime, "image", "inspect", f"ragline/{service}:{TAG}").stdout
-    config: dict[str, Any] = json.loads(out)[0]["Config"]
+    """The image's run configuration (podman keeps the health check beside it, docker in it)."""
+    out = json.loads(run(runtime, "image", "inspect", f"ragline/{service}:{TAG}").stdout)[0]
+    config: dict[str, Any] = out["Config"]
+    if "Healthcheck" not in config and out.get("Healthcheck"):
+        config["Healthcheck"] = out["Healthcheck"]
     return config
 
 
@@ -418,3 +421,77 @@ def test_every_container_exits_0_on_sigterm_within_its_grace(deployment: Deploym
     for c, (code, took) in zip(containers, results, strict=True):
         assert code == 0, f"{c.spec.service} exited {code}:\n{c.logs()}"
         assert took < c.spec.grace(), f"{c.spec.service} took {took:.1f}s"
+
+
+# --- the manifests and the images agree ----------------------------------------------------
+
+
+@dataclass
+class ImageFacts:
+    """What an image does by itself, from its Dockerfile or from the built image."""
+
+    user: str
+    ports: set[int]
+    cmd: list[str]
+    volumes: set[str]
+    home: str | None
+    healthcheck: str
+
+
+def dockerfile_facts(service: str) -> ImageFacts:
+    """The final stage of the service's Dockerfile (runs without any container runtime)."""
+    text = (ROOT / SERVICES[service][0] / "Dockerfile").read_text().replace("\\\n", " ")
+    final = text[text.rindex("\nFROM ") :]
+    user = re.findall(r"^USER (\S+)$", final, re.MULTILINE)[-1]
+    ports = {int(p) for p in re.findall(r"^EXPOSE (\d+)", final, re.MULTILINE)}
+    cmd = json.loads(re.findall(r"^CMD (\[.*\])$", final, re.MULTILINE)[-1])
+    volumes: set[str] = set()
+    for found in re.findall(r"^VOLUME (\[.*\])$", final, re.MULTILINE):
+        volumes |= set(json.loads(found))
+    home = re.search(r"\bHOME=(\S+)", final)
+    check = re.search(r"^HEALTHCHECK .*$", final, re.MULTILINE)
+    return ImageFacts(
+        user, ports, cmd, volumes, home.group(1) if home else None, check.group(0) if check else ""
+    )
+
+
+def built_image_facts(runtime: str, service: str) -> ImageFacts:
+    config = image_config(runtime, service)
+    env = dict(item.split("=", 1) for item in config.get("Env", []))
+    health = config.get("Healthcheck") or {}
+    return ImageFacts(
+        config["User"],
+        {int(p.split("/")[0]) for p in config.get("ExposedPorts", {})},
+        config["Cmd"],
+        set(config.get("Volumes") or {}),
+        env.get("HOME"),
+        " ".join(health.get("Test", [])),
+    )
+
+
+def assert_agree(spec: Spec, image: ImageFacts) -> None:
+    service, prefix = spec.service, SERVICES[spec.service][1]
+    assert image.user == spec.user(), f"{service}: image runs as {image.user}"
+    assert spec.port in image.ports, f"{service}: image exposes {image.ports}, not {spec.port}"
+    assert spec.env.get(f"{prefix}_PORT", str(spec.port)) == str(spec.port), service
+    # The manifest runs the image's own command (or names the same one).
+    assert spec.container.get("command", image.cmd) == image.cmd, service
+    assert not spec.container.get("args"), service
+    mounts = set(spec.mounts())
+    assert image.volumes <= mounts, f"{service}: volumes {image.volumes - mounts} not mounted"
+    if image.home and image.home != "/nonexistent":
+        assert image.home in mounts, f"{service}: HOME {image.home} is not writable"
+    # The image's own health check asks the readiness path on the port the setting names.
+    ready = spec.probe_paths()["readinessProbe"]
+    assert f"/{ready.lstrip('/')}'" in image.healthcheck, image.healthcheck
+    assert f"'{prefix}_PORT', '{spec.port}'" in image.healthcheck, image.healthcheck
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_each_manifest_runs_its_dockerfile_as_written(service: str) -> None:
+    assert_agree(manifest_specs()[service], dockerfile_facts(service))
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_each_manifest_runs_its_built_image_as_built(runtime: str, service: str) -> None:
+    assert_agree(manifest_specs()[service], built_image_facts(runtime, service))
