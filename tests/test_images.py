@@ -42,7 +42,8 @@ from manifests import ROOT, config_of, pod_spec, render, workload
 from service_helpers import bearer, poll, write_keys
 from sse_client import read_events
 
-pytestmark = pytest.mark.slow
+# The first test's set-up builds the images: about 4 minutes on a clean 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 TAG = "dev"
 OVERLAY = ROOT / "deploy" / "k8s" / "overlays" / "cpu"
