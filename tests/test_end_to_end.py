@@ -65,10 +65,13 @@ def test_openai_sdk_streams_through_nginx(public_url: str) -> None:
     chunks = list(stream)
     first = chunks[0]
     assert first.model_extra and first.model_extra["sources"][0]["doc_id"] == ANSWER_DOC
-    annotations = first.choices[0].delta.model_extra.get("annotations") or []
-    assert annotations and annotations[0]["type"] == "url_citation"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "four to eight hours" in text
+    # The citations come once the text they point into is whole, before the finish.
+    annotations = chunks[-2].choices[0].delta.model_extra.get("annotations") or []
+    assert annotations and annotations[0]["type"] == "url_citation"
+    cite = annotations[0]["url_citation"]
+    assert text[cite["start_index"] : cite["end_index"]] == "[1]"
     assert chunks[-1].choices[0].finish_reason == "stop"
 
     completion = sdk.chat.completions.create(
@@ -133,7 +136,7 @@ def test_malformed_and_oversized_bodies(client: httpx.Client, stack: Stack) -> N
         json={
             "model": "ragline",
             "messages": [{"role": "user", "content": QUESTION}],
-            "tools": [{}],
+            "n": 2,
         },
     )
     assert n2.status_code == 400 and n2.json()["error"]["code"] == "unsupported_parameter"

@@ -141,11 +141,12 @@ def test_filters_cannot_reach_across_tenants(gw: Keyed) -> None:
 
 
 def test_models_lists_only_the_keys_collections(gw: Keyed) -> None:
+    """And the generation model itself, last: it reads no collection."""
     r = gw.call("GET", "/v1/models", "acme-chat")
     assert r.status_code == 200
-    assert [m["id"] for m in r.json()["data"]] == ["ragline", "acme_docs"]
+    assert [m["id"] for m in r.json()["data"]] == ["ragline", "acme_docs", "ragline-extractive"]
     r = gw.call("GET", "/v1/models", "globex-chat")
-    assert [m["id"] for m in r.json()["data"]] == ["ragline", "globex_docs"]
+    assert [m["id"] for m in r.json()["data"]] == ["ragline", "globex_docs", "ragline-extractive"]
 
 
 def test_document_management_needs_admin_and_stays_in_the_tenant(gw: Keyed) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from ragline_common.passages import Passage, render_sources
 from ragline_llm.engines.extractive import (
+    NO_GENERATION,
     NOTHING_FOUND,
     compose_answer,
     content_terms,
@@ -100,7 +101,9 @@ def test_picker_normalises_words_and_handles_no_sources() -> None:
     assert "the" not in content_terms("the The THE")
     assert pick_sentences(PASSAGES, "the of and") == []
     assert pick_sentences([], QUESTION) == []
-    assert compose_answer("just a question with no sources") == NOTHING_FOUND
+    assert compose_answer(render_sources([], QUESTION)) == NOTHING_FOUND
+    # Not the gateway's layout: a chat UI's task or a chat with the model itself.
+    assert compose_answer("just a question with no sources") == NO_GENERATION
 
 
 # --- the service ----------------------------------------------------------------------
@@ -301,6 +304,28 @@ def test_bad_input_gets_the_error_envelope(url: str, payload: dict, status: int,
     assert_error(r, status, code)
     ok = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES}, timeout=10)
     assert ok.status_code == 200
+
+
+def test_vllm_options_are_accepted_and_json_is_refused_by_the_extractive_engine(url: str) -> None:
+    """What the gateway forwards (openai_policy.py) is taken as `vllm serve` takes it; the
+    extractive engine ignores what does not apply to quoting, and says it writes no JSON."""
+    options = {
+        "logit_bias": {"50256": -100}, "min_p": 0.1, "reasoning_effort": "low",
+        "response_format": {"type": "text"}, "repetition_penalty": 1.1,
+        "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none",
+    }  # fmt: skip
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": MESSAGES, **options})
+    assert r.status_code == 200, r.text
+    assert "[2]" in r.json()["choices"][0]["message"]["content"]
+    schema = {"name": "a", "schema": {"type": "object"}}
+    for form in ({"type": "json_object"}, {"type": "json_schema", "json_schema": schema}):
+        for stream in (False, True):
+            body = {"messages": MESSAGES, "response_format": form, "stream": stream}
+            refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+            assert_error(refused, 400, "unsupported_parameter")
+            assert "response_format" in refused.json()["error"]["message"]
+    bad = {"messages": MESSAGES, "logit_bias": {"word": 1}}
+    assert_error(httpx.post(f"{url}/v1/chat/completions", json=bad), 422, "invalid_request")
 
 
 def test_malformed_json_is_400(url: str) -> None:

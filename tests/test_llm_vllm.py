@@ -27,7 +27,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from ragline_cli.stack import REPO_ROOT, Stack
-from ragline_common.wire import ChatMessage
+from ragline_common.wire import ChatMessage, ResponseFormat
 from ragline_llm.engines.base import GenerationRequest
 from ragline_llm.engines.vllm_engine import (
     GIB,
@@ -35,6 +35,8 @@ from ragline_llm.engines.vllm_engine import (
     engine_args,
     finish_reason,
     sampling_args,
+    structured_output,
+    template_variables,
 )
 from ragline_llm.settings import LlmSettings
 
@@ -116,6 +118,30 @@ def test_sampling_prefers_request_then_model_defaults_then_neutral() -> None:
     assert args["stop"] == ["\n\n"] and args["seed"] == 7
     assert args["min_tokens"] == 2 and args["ignore_eos"] is True
     assert sampling_args(request, {}, room=1000)["max_tokens"] == 100
+
+
+def test_logit_bias_response_format_and_reasoning_effort_map_as_vllm_serve_maps_them() -> None:
+    def request(**fields: Any) -> GenerationRequest:
+        return GenerationRequest("r", [ChatMessage(role="user", content="hi")], 10, **fields)
+
+    plain = request()
+    assert "logit_bias" not in sampling_args(plain, {}, room=10)
+    assert structured_output(plain) is None and template_variables(plain) == {}
+    biased = sampling_args(request(logit_bias={5: 250.0, 7: -3.5}), {}, room=10)
+    assert biased["logit_bias"] == {5: 100.0, 7: -3.5}  # clamped as vLLM clamps
+    json_object = ResponseFormat(type="json_object")
+    assert structured_output(request(response_format=json_object)) == {"json_object": True}
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    form = ResponseFormat.model_validate(
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    )
+    assert structured_output(request(response_format=form)) == {"json": schema}
+    assert structured_output(request(response_format=ResponseFormat(type="text"))) is None
+    assert template_variables(request(reasoning_effort="low")) == {
+        "reasoning_effort": "low",
+        "enable_thinking": True,
+    }
+    assert template_variables(request(reasoning_effort="none"))["enable_thinking"] is False
 
 
 def test_finish_reasons_map_to_openai_ones() -> None:
@@ -311,6 +337,34 @@ class TestLlmSvcOnVllm:
         stopped = complete(url, presence_penalty=2.0, stop=[penalised[at : at + 2]], **greedy)
         assert stopped["choices"][0]["message"]["content"] == penalised[:at]
         assert stopped["choices"][0]["finish_reason"] == "stop"
+
+    def test_logit_bias_min_p_and_response_format_reach_the_engine(
+        self, url: str, tiny_llama: Path
+    ) -> None:
+        greedy = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
+        tokenizer = Tokenizer.from_file(str(tiny_llama / "tokenizer.json"))
+        token = tokenizer.token_to_id("Ġthe")
+        assert token is not None
+        # +100 on one token outweighs whatever the random weights say, at every step.
+        forced = text_of(url, logit_bias={str(token): 100}, reasoning_effort="low", **greedy)
+        assert forced == " the" * 6
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": MESSAGES, "logit_bias": {"999999": 5}, "max_tokens": 2},
+            timeout=60,
+        )
+        assert_error(r, 400, "invalid_request")  # vLLM's own check: out of vocabulary
+        # min_p 1 keeps only the likeliest token: sampling at temperature 1 turns greedy.
+        plain = text_of(url, **greedy)
+        assert text_of(url, temperature=1.0, min_p=1.0, seed=3, max_tokens=6, ignore_eos=True) == (
+            plain
+        )
+        # Structured output: the random model can only write one of the enum's values.
+        schema = {"type": "string", "enum": ["yes", "no"]}
+        form = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        body = complete(url, response_format=form, temperature=0, max_tokens=64)
+        assert orjson.loads(body["choices"][0]["message"]["content"]) in ("yes", "no")
+        assert body["choices"][0]["finish_reason"] == "stop"
 
     def test_max_tokens_is_cut_to_the_context_left(self, url: str, tiny_llama: Path) -> None:
         def messages(units: int) -> list[dict[str, str]]:

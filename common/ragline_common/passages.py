@@ -36,6 +36,13 @@ def render_sources(passages: list[Passage], question: str) -> str:
     return f"{SOURCES_HEADER}\n" + "\n\n".join(blocks) + f"\n\n{QUESTION_PREFIX} {question}"
 
 
+def is_sources_prompt(content: str) -> bool:
+    """Whether `content` is laid out by `render_sources` (with passages or none), i.e. a
+    question the gateway asks with the knowledge base; anything else came to the generation
+    model straight from a client."""
+    return content.startswith(SOURCES_HEADER + "\n") and f"\n{QUESTION_PREFIX} " in content
+
+
 def parse_sources(content: str) -> tuple[list[Passage], str]:
     """Inverse of `render_sources`; text that does not follow the layout yields no passages."""
     head, sep, question = content.rpartition(f"\n{QUESTION_PREFIX} ")

@@ -360,3 +360,57 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Annotated[str, StringConstraints(max_length=200_000)]
+
+
+# --- OpenAI generation options that the gateway forwards to llm-svc ---------------------
+
+# The values vLLM 0.32's ChatCompletionRequest takes; chat templates read them.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+class JsonSchemaSpec(BaseModel):
+    """`response_format.json_schema` as OpenAI defines it; `schema` is what constrains."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: Annotated[str, StringConstraints(max_length=64)] = "response"
+    description: str | None = None
+    # `schema` would shadow BaseModel.schema: held under another name, spelt `schema` on
+    # the wire.
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: `text` (no constraint), `json_object` (any JSON object)
+    or `json_schema` (JSON matching `json_schema.schema`). vLLM turns the last two into
+    structured-output decoding; the extractive engine refuses them (it writes no JSON)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type 'json_schema' needs a `json_schema` object")
+        return self
+
+    def wire(self) -> dict[str, Any]:
+        """As sent on to llm-svc (and to a stock `vllm serve` standing in for it)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def check_logit_bias(bias: dict[str, float]) -> dict[str, float]:
+    """OpenAI's shape: token ids (as JSON object keys) to a bias in [-100, 100]. The
+    vocabulary size is the engine's to check."""
+    for token, value in bias.items():
+        if not token.isascii() or not token.isdigit():
+            raise ValueError(f"logit_bias keys are token ids; {token[:20]!r} is not one")
+        if not -100 <= value <= 100:
+            raise ValueError("logit_bias values lie between -100 and 100")
+    return bias
+
+
+LogitBias = Annotated[dict[str, float], Field(max_length=1024), AfterValidator(check_logit_bias)]

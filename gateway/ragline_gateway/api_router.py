@@ -4,6 +4,7 @@ in pipeline.py; the wire formats in streaming.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Any
 
@@ -14,16 +15,19 @@ from ragline_common.disconnects import unless_disconnected
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
 from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN
+from ragline_gateway import openai_policy
 from ragline_gateway.admission import Admission, Ticket, chat_caller
 from ragline_gateway.auth import Caller
 from ragline_gateway.clients.base import UpstreamError
 from ragline_gateway.memory import Turn
+from ragline_gateway.openwebui import wants_source_events
 from ragline_gateway.pipeline import AnswerPipeline, PreparedAnswer, Question
 from ragline_gateway.protocol import ChatRequest, OpenAIChatRequest
 from ragline_gateway.settings import GatewaySettings
 from ragline_gateway.streaming import AnswerResponse, OpenAIChunks, native_sse, openai_completion
 
 router = APIRouter()
+log = logging.getLogger("ragline.api")
 
 
 def _valid(pattern: str, value: str) -> bool:
@@ -87,18 +91,46 @@ async def chat(
     return _respond(prepared, ticket, native_sse(pipeline.events(prepared)))
 
 
-def _openai_question(
-    settings: GatewaySettings, body: OpenAIChatRequest, request: Request, caller: Caller
+async def _uses_knowledge_base(pipeline: AnswerPipeline, body: OpenAIChatRequest) -> bool:
+    """`use_knowledge_base` when given; else on, unless `model` names the generation model
+    (which wins over a collection of the same name; `collection` reaches that one)."""
+    if body.use_knowledge_base is not None:
+        return body.use_knowledge_base
+    if body.model == DEFAULT_MODEL or body.collection is not None:
+        return True
+    return body.model != await pipeline.generation_model()
+
+
+async def _openai_question(
+    settings: GatewaySettings,
+    pipeline: AnswerPipeline,
+    body: OpenAIChatRequest,
+    request: Request,
+    caller: Caller,
 ) -> Question:
-    unsupported = body.unsupported_fields()
-    if unsupported:
+    refused = openai_policy.refusals(body)
+    if refused:
         raise ApiError(
-            400, "unsupported_parameter", f"unsupported parameters: {', '.join(unsupported)}"
+            400, "unsupported_parameter", f"unsupported parameters: {'; '.join(refused)}"
         )
+    ignored = openai_policy.ignored_fields(body)
+    if ignored:  # as vLLM logs them: at debug, since chat UIs send some with every request
+        log.debug("OpenAI parameters accepted and ignored", extra={"fields": ignored})
     try:
         texts = [(m.role, m.text()) for m in body.messages]
     except ValueError as exc:
         raise ApiError(400, "unsupported_parameter", str(exc)) from exc
+    options = openai_policy.generation_options(body)
+    if not await _uses_knowledge_base(pipeline, body):
+        return Question(
+            text=texts[-1][1],
+            collection="",
+            endpoint="openai",
+            tenant=caller.tenant,
+            sampling=options,
+            knowledge_base=False,
+            messages=[{"role": role, "content": text} for role, text in texts],
+        )
     if texts[-1][0] != "user":
         raise ApiError(422, "invalid_request", "the last message must be the user's question")
     question = texts[-1][1]
@@ -127,13 +159,7 @@ def _openai_question(
         top_k=body.top_k,
         conversation_id=conversation_id,
         history=history,
-        sampling={
-            "max_tokens": body.max_completion_tokens or body.max_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "seed": body.seed,
-            "stop": body.stop,
-        },
+        sampling=options,
     )
 
 
@@ -142,12 +168,13 @@ async def chat_completions(
     body: OpenAIChatRequest, request: Request, caller: Caller = Depends(chat_caller)
 ) -> Response:
     settings, pipeline, admission = _state(request)
-    q = _openai_question(settings, body, request, caller)
+    q = await _openai_question(settings, pipeline, body, request, caller)
+    source_events = wants_source_events(request.headers, settings.openai_source_events)
     ticket = await admission.admit_stream(caller)
     prepared = await _prepare(pipeline, ticket, q)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = OpenAIChunks(prepared, body.model, include_usage)
+        chunks = OpenAIChunks(prepared, body.model, include_usage, source_events)
         return _respond(prepared, ticket, chunks.render(pipeline.events(prepared)))
     try:
         # A non-streamed answer sends nothing until its end: without watching for the
@@ -165,17 +192,24 @@ async def chat_completions(
 
 @router.get("/v1/models")
 async def models(request: Request, caller: Caller = Depends(chat_caller)) -> dict[str, Any]:
-    """`ragline` (the key's default collection) and each collection this key may read."""
+    """`ragline` (the key's default collection), each collection this key may read, and
+    the generation model itself (answers without the knowledge base: a chat UI's task
+    model). The generation model is left out, not the list refused, while llm-svc cannot
+    say its name."""
     try:
         names = await request.app.state.retriever.call("GET", "/v1/collections", 10.0)
     except UpstreamError as exc:
         raise ApiError(503, "retriever_unavailable", "the document index is unavailable") from exc
     collections = caller.visible(c["name"] for c in names.get("collections", []))
+    try:
+        generation = [await request.app.state.pipeline.generation_model()]
+    except ApiError:
+        generation = []
+    listed = [DEFAULT_MODEL, *(c for c in collections if c not in generation), *generation]
     return {
         "object": "list",
         "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "ragline"}
-            for name in [DEFAULT_MODEL, *collections]
+            {"id": name, "object": "model", "created": 0, "owned_by": "ragline"} for name in listed
         ],
     }
 

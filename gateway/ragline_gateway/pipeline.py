@@ -11,6 +11,11 @@ SSE or as OpenAI chunks.
     4. sources          sent before the first token
     5. generate         prompt → llm-svc stream, each token relayed at once
     6. finish           cache and history written in the background
+
+A question without the knowledge base (`Question.knowledge_base` false: an OpenAI client
+asked for the generation model itself) skips 2-4 and 6: its messages go to llm-svc as
+the client sent them, with no sources, no cache and no memory, through the same
+admission, timeouts, relay and metrics.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ class Question:
     # OpenAI clients send the history in `messages`; then memory is not read.
     history: list[Turn] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
+    # False: `messages` go straight to the generation model (no retrieval, no sources).
+    knowledge_base: bool = True
+    messages: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -139,6 +147,8 @@ class AnswerPipeline:
     # --- steps 2, 3 and the opening of 5: everything that may still be a plain HTTP error --
 
     async def prepare(self, q: Question) -> PreparedAnswer:
+        if not q.knowledge_base:
+            return await self._prepare_direct(q)
         started = time.perf_counter()
         degraded: list[str] = []
         timings: dict[str, float] = {}
@@ -203,6 +213,26 @@ class AnswerPipeline:
         if query != q.text:
             prepared.search_query = query
         return prepared
+
+    async def _prepare_direct(self, q: Question) -> PreparedAnswer:
+        """The generation model itself: the client's messages, straight to llm-svc."""
+        started = time.perf_counter()
+        if self.llm.known_down:
+            metrics.UPSTREAM_ERRORS.labels("llm").inc()
+            raise _generation_unavailable()
+        stream = await self._open_generation(q.messages, q.sampling)
+        timings = {"prepare_ms": _ms(started)}
+        return PreparedAnswer(q, q.conversation_id or "", [], [], timings, stream, started)
+
+    async def generation_model(self) -> str:
+        """The name llm-svc serves (LLM_MODEL, else asked once); 503 while unknowable."""
+        if not self.llm_model:
+            try:
+                self.llm_model = await self.llm.model_name(self.settings.llm_connect_timeout_s)
+            except (UpstreamError, KeyError, IndexError, TypeError) as exc:
+                metrics.UPSTREAM_ERRORS.labels("llm").inc()
+                raise _generation_unavailable() from exc
+        return self.llm_model
 
     def _cacheable(self, q: Question) -> bool:
         return self.cache is not None and not q.history
@@ -490,7 +520,8 @@ class AnswerPipeline:
         task.add_done_callback(self._background.discard)
 
     def _finish(self, p: PreparedAnswer, answer: str) -> None:
-        if p.question.history is not None or "memory" in p.degraded:
+        q = p.question
+        if not q.knowledge_base or q.history is not None or "memory" in p.degraded:
             return
         memory_id = f"{p.question.tenant}:{p.conversation_id}"
         self._background_task(self._remember(memory_id, Turn(p.question.text, answer)))

@@ -8,7 +8,14 @@ from typing import Annotated, Any, Literal, Self
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
 
-from ragline_common.wire import DOC_ID_PATTERN, CollectionName, Filters
+from ragline_common.wire import (
+    DOC_ID_PATTERN,
+    CollectionName,
+    Filters,
+    LogitBias,
+    ReasoningEffort,
+    ResponseFormat,
+)
 
 ConversationId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN)]
 
@@ -59,19 +66,15 @@ class OpenAIMessage(BaseModel):
         return "".join(parts)
 
 
-# Accepted and ignored (documented in the README): they tune sampling in ways the answer's
-# reader cannot rely on, and OpenAI SDKs and chat UIs send them by default.
-IGNORED_FIELDS = frozenset({"presence_penalty", "frequency_penalty", "metadata", "store"})
-
-
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
 class OpenAIChatRequest(EncodableRequest):
-    """OpenAI Chat Completions request. Fields that change generation in ways ragline does
-    not support (n>1, tools, logprobs, ...) are refused with 400 instead of silently
-    ignored; see `unsupported_fields`."""
+    """OpenAI Chat Completions request, with ragline's extra fields. Every field is used,
+    accepted and ignored, or refused by the written policy in openai_policy.py; fields not
+    declared here are accepted and ignored, as vLLM's own server does with fields it does
+    not know (`model_extra`)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -85,20 +88,32 @@ class OpenAIChatRequest(EncodableRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = None  # only 1 is supported: anything else is refused as unsupported
+    n: int | None = None  # only 1 is supported: anything else is refused
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI's limit too
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    # vLLM's sampling extensions (`top_k` is ragline's passage count, not vLLM's top-k).
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    min_tokens: int | None = Field(default=None, ge=0, le=8192)
+    # Tools: ragline answers from documents and calls none. Chat UIs send their tools
+    # with every chat; only a request that demands a call is refused.
+    tools: list[Any] | None = Field(default=None, max_length=256)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None  # legacy tools
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
     # ragline extras
     collection: CollectionName | None = None
     filters: Filters = Field(default_factory=dict, max_length=16)
     top_k: int | None = Field(default=None, ge=1)
     conversation_id: ConversationId | None = None
-
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI's limit too
-
-    def unsupported_fields(self) -> list[str]:
-        extra = self.model_extra or {}
-        fields = {k for k, v in extra.items() if k not in IGNORED_FIELDS and v is not None}
-        if self.n not in (None, 1):
-            fields.add("n")
-        return sorted(fields)
+    # NVIDIA's RAG server's switch: false sends the conversation straight to the
+    # generation model (no retrieval, no sources). Unset: on, unless `model` names the
+    # generation model itself.
+    use_knowledge_base: StrictBool | None = None

@@ -62,6 +62,10 @@ class GatewaySettings(ServiceSettings):
 
     default_collection: str = "default"
     llm_model: str = Field(default="", description="model name sent to llm-svc; empty: ask it")
+    # Open WebUI's `source` events (passage text in its citation dialog) on streamed
+    # OpenAI answers: `auto` to clients recognised as Open WebUI or that ask for them
+    # (openwebui.py), `always`, or `never`.
+    openai_source_events: Literal["auto", "always", "never"] = "auto"
     max_tokens: int = Field(default=512, ge=1, le=8192)
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
 

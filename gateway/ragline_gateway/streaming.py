@@ -3,6 +3,12 @@
 
 Per-token work is kept to one orjson call and a bytes join: the prefix and suffix of an
 OpenAI token chunk are built once per answer.
+
+An OpenAI answer from the knowledge base carries its passages three ways: `sources` on
+the first chunk (all of them, for clients that know ragline), `url_citation` annotations
+in a chunk after the last token, once the content they point into is complete
+(citations.py), and, for Open WebUI, `source` events before the text (openwebui.py; then
+no annotations). An answer without the knowledge base carries none of them.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ragline_common.errors import ApiError
-from ragline_gateway.pipeline import Event, PreparedAnswer, Source
+from ragline_gateway.citations import url_citations
+from ragline_gateway.openwebui import source_event
+from ragline_gateway.pipeline import Event, PreparedAnswer
 
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
@@ -60,30 +68,21 @@ def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
-def url_citations(sources: list[Source]) -> list[dict[str, Any]]:
-    """Sources as OpenAI `url_citation` annotations, the form chat UIs show as citations."""
-    return [
-        {
-            "type": "url_citation",
-            "url_citation": {
-                "url": s.url or f"ragline:doc/{s.doc_id}",
-                "title": f"[{s.n}] {s.title or s.doc_id}",
-                "content": s.text,
-                "start_index": 0,
-                "end_index": 0,
-            },
-        }
-        for s in sources
-    ]
-
-
 class OpenAIChunks:
-    """Renders one answer as `chat.completion.chunk` SSE frames."""
+    """Renders one answer as `chat.completion.chunk` SSE frames; `source_events`: the
+    passages also as Open WebUI `source` events, instead of annotations."""
 
-    def __init__(self, p: PreparedAnswer, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, p: PreparedAnswer, model: str, include_usage: bool, source_events: bool = False
+    ) -> None:
         self.p = p
         self.model = model
         self.include_usage = include_usage
+        self.source_events = source_events and p.question.knowledge_base
+        # The content is kept only where annotations will point into it.
+        self._parts: list[str] | None = (
+            [] if p.question.knowledge_base and p.sources and not self.source_events else None
+        )
         self.id = completion_id()
         self.created = int(time.time())
         head = orjson.dumps(
@@ -105,18 +104,31 @@ class OpenAIChunks:
     async def render(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         async for name, payload in events:
             if name == "token":
+                if self._parts is not None:
+                    self._parts.append(payload)
+                    if len(self._parts) == 64:  # one string, not a string object per token
+                        self._parts[:] = ["".join(self._parts)]
                 yield self._token_prefix + orjson.dumps(payload) + self._token_suffix
             elif name == "sources":
-                sources = self.p.sources
-                delta = {"role": "assistant", "content": "", "annotations": url_citations(sources)}
-                yield self._frame(
-                    [{"index": 0, "delta": delta, "finish_reason": None}],
-                    sources=payload["sources"],
-                    conversation_id=self.p.conversation_id,
+                delta = {"role": "assistant", "content": ""}
+                extra = (
+                    {"sources": payload["sources"], "conversation_id": self.p.conversation_id}
+                    if self.p.question.knowledge_base
+                    else {}
                 )
+                yield self._frame([{"index": 0, "delta": delta, "finish_reason": None}], **extra)
+                if self.source_events:
+                    for source in self.p.sources:
+                        yield self._frame([], event=source_event(source))
             elif name == "ping":
                 yield PING
             elif name == "done":
+                annotations = (
+                    url_citations(self.p.sources, "".join(self._parts)) if self._parts else []
+                )
+                if annotations:
+                    delta = {"annotations": annotations}
+                    yield self._frame([{"index": 0, "delta": delta, "finish_reason": None}])
                 yield self._frame(
                     [{"index": 0, "delta": {}, "finish_reason": payload["finish_reason"]}],
                     ragline={k: payload[k] for k in ("degraded", "timings", "cached")},
@@ -136,7 +148,7 @@ async def openai_completion(
     p: PreparedAnswer, model: str, events: AsyncIterator[Event]
 ) -> dict[str, Any]:
     """The non-streamed OpenAI response; an upstream failure mid-answer raises ApiError
-    (503 with Retry-After)."""
+    (503 with Retry-After). Without the knowledge base: no annotations, no sources."""
     parts: list[str] = []
     done: dict[str, Any] = {}
     async for name, payload in events:
@@ -148,24 +160,24 @@ async def openai_completion(
             # Nothing was sent yet: the client gets what a dependency failure gets, a 503
             # it may retry (OpenAI SDKs do), not a 502 that reads as a broken gateway.
             raise ApiError(503, payload["code"], payload["message"], {"Retry-After": "5"})
+    content = "".join(parts)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    knowledge: dict[str, Any] = {}
+    if p.question.knowledge_base:
+        message["annotations"] = url_citations(p.sources, content)
+        knowledge = {
+            "sources": [s.as_dict() for s in p.sources],
+            "conversation_id": p.conversation_id,
+        }
     return {
         "id": completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": "".join(parts),
-                    "annotations": url_citations(p.sources),
-                },
-                "finish_reason": done.get("finish_reason", "stop"),
-            }
+            {"index": 0, "message": message, "finish_reason": done.get("finish_reason", "stop")}
         ],
         "usage": done.get("usage") or None,
-        "sources": [s.as_dict() for s in p.sources],
-        "conversation_id": p.conversation_id,
+        **knowledge,
         "ragline": {k: done.get(k) for k in ("degraded", "timings", "cached")},
     }

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ragline_common.wire import ChatMessage
+from ragline_common.wire import ChatMessage, LogitBias, ReasoningEffort, ResponseFormat
 
 MAX_MESSAGES = 256
 MAX_STOP_SEQUENCES = 4
@@ -39,8 +39,14 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     n: int | None = 1
     user: str | None = None
-    # vLLM's extensions, accepted as `vllm serve` accepts them (the extractive engine
-    # ignores them).
+    # Used as vLLM uses them: logit_bias and min_p in sampling, response_format as
+    # structured-output decoding, reasoning_effort as a chat-template variable. The
+    # extractive engine ignores what does not apply to it and refuses a JSON
+    # response_format (it writes no JSON).
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    # vLLM's extensions, accepted as `vllm serve` accepts them.
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)
@@ -49,22 +55,19 @@ class ChatCompletionRequest(BaseModel):
     # Parsed only to refuse them with a clear 400 rather than silently answer without.
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def unsupported(self) -> str | None:
-        """The first requested feature this server does not provide, named for the 400."""
+        """The first requested feature this server does not provide, named for the 400.
+        Tools are refused unless `tool_choice` is "none", as `vllm serve` without a tool
+        parser does (tools with no tool_choice mean "auto" there)."""
         if self.n not in (None, 1):
             return "n: only n=1 is supported"
         if self.logprobs or self.top_logprobs:
             return "logprobs are not supported"
-        if self.logit_bias:
-            return "logit_bias is not supported"
-        if self.tools:
-            return "tools are not supported"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format: only type 'text' is supported"
+        if self.tools and self.tool_choice != "none":
+            return "tools are not supported (tool_choice 'none' only)"
         return None
 
     def stop_list(self) -> list[str] | None:

@@ -242,6 +242,9 @@ class ChatServing:
             repetition_penalty=req.repetition_penalty,
             min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
+            logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
+            response_format=req.response_format,
+            reasoning_effort=req.reasoning_effort,
         )
 
     async def _open(

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 from prometheus_client import Counter
 
-from ragline_common.wire import ChatMessage
+from ragline_common.wire import ChatMessage, ReasoningEffort, ResponseFormat
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -46,6 +46,12 @@ class GenerationRequest:
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    # Token id -> bias in [-100, 100], as OpenAI and vLLM take it.
+    logit_bias: dict[int, float] | None = None
+    # None or type `text`: free text. An engine that cannot honour a JSON format raises
+    # an ApiError (400) before its first delta rather than answer in prose.
+    response_format: ResponseFormat | None = None
+    reasoning_effort: ReasoningEffort | None = None  # a chat-template variable
 
 
 @dataclass(frozen=True)

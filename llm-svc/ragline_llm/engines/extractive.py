@@ -5,6 +5,16 @@ passages' sentences by overlap with the question's content words (lowercased, st
 dropped, light suffix stripping, rarer words weigh more), and answers with the best one
 to three sentences, each followed by its passage's citation `[n]`. The answer streams word
 by word, paced at `token_interval_ms`, as an offline stand-in for a model's cadence.
+
+It cannot write: a prompt that is not laid out by the gateway's knowledge-base path (a
+chat UI's title, tag or follow-up task, a chat with the generation model itself) gets
+`NO_GENERATION`, a fixed reply that says so, rather than an error. A reply, because a
+person chatting with the generation model (picked from a UI's model list) then reads what
+is wrong in the conversation itself, and a background task that cannot parse it as the
+JSON it asked for keeps its default (Open WebUI titles the chat with its first question);
+the reply holds no braces or brackets, so no such parser mistakes it for JSON or a
+citation. A JSON `response_format` is refused with 400: there the client asked for a form
+the engine cannot produce, and must be told.
 """
 
 from __future__ import annotations
@@ -16,11 +26,17 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from ragline_common.passages import Passage, parse_sources
+from ragline_common.errors import ApiError
+from ragline_common.passages import Passage, is_sources_prompt, parse_sources
 from ragline_llm.engines.base import GenerationDelta, GenerationRequest, LocalEngine
 
 NOTHING_FOUND = "I found nothing in the documents to answer that."
 NO_MATCH = "I could not find an answer to that in the documents."
+NO_GENERATION = (
+    "This server answers from its documents only: its offline extractive engine quotes "
+    "passages and cannot write titles, tags, summaries or other new text. Ask with the "
+    "knowledge base, or run llm-svc on a generation model (RAGLINE_LLM_ENGINE=vllm)."
+)
 
 STOP_WORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before
@@ -103,6 +119,8 @@ def pick_sentences(passages: list[Passage], question: str, limit: int = 3) -> li
 
 
 def compose_answer(messages_last_user: str) -> str:
+    if not is_sources_prompt(messages_last_user):
+        return NO_GENERATION
     passages, question = parse_sources(messages_last_user)
     if not passages:
         return NOTHING_FOUND
@@ -122,7 +140,15 @@ class ExtractiveEngine(LocalEngine):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         """The answer word by word; sampling fields other than max_tokens and stop do not
-        apply to an extractive answer and are ignored."""
+        apply to an extractive answer and are ignored. A JSON response_format is refused
+        before the first delta (400), so the client gets a status, not prose."""
+        form = request.response_format
+        if form is not None and form.type != "text":
+            raise ApiError(
+                400, "unsupported_parameter",
+                f"response_format {form.type!r}: the extractive engine writes no JSON; "
+                "run llm-svc on a generation model (RAGLINE_LLM_ENGINE=vllm) for it",
+            )  # fmt: skip
         self._active += 1
         try:
             async with aclosing(self._stream(request)) as deltas:

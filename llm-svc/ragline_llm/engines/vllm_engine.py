@@ -19,7 +19,10 @@ Per request:
   then ends with finish_reason `length`.
 - Each sampling field is the request's value, else the model's generation config
   (`vllm_generation_config=auto`), else OpenAI's neutral value: the order `vllm serve`
-  uses, so both answer alike.
+  uses, so both answer alike. `logit_bias` is clamped to [-100, 100] and a JSON
+  `response_format` becomes structured-output decoding (`json_object` / `json`), as in
+  `vllm serve`; `reasoning_effort` reaches the chat template (with `enable_thinking`,
+  which templates that gate thinking read), as `vllm serve` passes it.
 - Outputs come as deltas. Closing the stream (the client went away) closes vLLM's
   `generate()`, which aborts the request in the engine; `abort` in `finally` covers any
   path where that did not happen.
@@ -103,7 +106,31 @@ def sampling_args(
         seed=request.seed,
         ignore_eos=request.ignore_eos,
     )
+    if request.logit_bias:
+        args["logit_bias"] = {t: min(100.0, max(-100.0, b)) for t, b in request.logit_bias.items()}
     return args
+
+
+def structured_output(request: GenerationRequest) -> dict[str, Any] | None:
+    """`StructuredOutputsParams` keywords for the request's `response_format` (None: free
+    text), as vLLM's `structured_outputs_from_response_format` makes them."""
+    form = request.response_format
+    if form is None or form.type == "text":
+        return None
+    if form.type == "json_object":
+        return {"json_object": True}
+    assert form.json_schema is not None  # ResponseFormat's own validation
+    return {"json": form.json_schema.json_schema}
+
+
+def template_variables(request: GenerationRequest) -> dict[str, Any]:
+    """Extra chat-template variables, as `vllm serve` sets them from the request."""
+    if request.reasoning_effort is None:
+        return {}
+    return {
+        "reasoning_effort": request.reasoning_effort,
+        "enable_thinking": request.reasoning_effort != "none",
+    }
 
 
 def finish_reason(reason: str | None) -> FinishReason:
@@ -199,11 +226,12 @@ class VllmEngine:
             engine.shutdown()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
-    def _render(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def _render(self, messages: Sequence[ChatMessage], variables: dict[str, Any]) -> list[int]:
         text = self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True,
             tokenize=False,
+            **variables,
         )
         # The template writes the special tokens itself (e.g. BOS); do not add them twice.
         return list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -212,14 +240,16 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs.engine import tokens_input
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
         engine = self._engine
         if engine is None or engine.errored:
             raise ApiError(503, "not_ready", "engine is not ready", {"Retry-After": "5"})
         loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._render, request.messages)
+        prompt_ids = await loop.run_in_executor(
+            self._tokenize_pool, self._render, request.messages, template_variables(request)
+        )
         room = self._max_model_len - len(prompt_ids)
         if room < 1:
             raise ApiError(
@@ -228,9 +258,13 @@ class VllmEngine:
                 f"prompt has {len(prompt_ids)} tokens; the model's context is "
                 f"{self._max_model_len} tokens, and at least one must be left for the answer",
             )
+        structured = structured_output(request)
         try:
             params = SamplingParams(
                 **sampling_args(request, self._model_defaults, room),
+                structured_outputs=(
+                    None if structured is None else StructuredOutputsParams(**structured)
+                ),
                 output_kind=RequestOutputKind.DELTA,
             )
         except (ValueError, VLLMClientError) as exc:
