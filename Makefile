@@ -5,7 +5,7 @@ VENV := .venv
 VLLM_VENV := .venv-vllm
 PACKAGES := $(wildcard */pyproject.toml) pyproject.toml
 
-.PHONY: up test install vllm system-deps lint images lock
+.PHONY: up test install vllm openwebui system-deps lint images lock
 
 $(VENV)/.installed: $(PACKAGES) locks/stack.txt scripts/bootstrap.sh scripts/uv.sh
 	scripts/bootstrap.sh
@@ -13,9 +13,16 @@ $(VENV)/.installed: $(PACKAGES) locks/stack.txt scripts/bootstrap.sh scripts/uv.
 $(VLLM_VENV)/.installed: common/pyproject.toml llm-svc/pyproject.toml locks/vllm.txt scripts/bootstrap.sh scripts/uv.sh
 	scripts/bootstrap.sh --vllm
 
+# Open WebUI, the chat UI tests/test_openwebui.py drives: only the tests need it.
+OPENWEBUI_VENV := .venv-openwebui
+$(OPENWEBUI_VENV)/.installed: scripts/bootstrap.sh scripts/uv.sh
+	scripts/bootstrap.sh --openwebui
+
 install: $(VENV)/.installed
 
 vllm: $(VLLM_VENV)/.installed
+
+openwebui: $(OPENWEBUI_VENV)/.installed
 
 system-deps:
 	scripts/bootstrap.sh --system
@@ -25,7 +32,7 @@ up: install
 	$(VENV)/bin/ragline up
 
 ## Run the test suite against real processes on loopback.
-test: install vllm system-deps
+test: install vllm openwebui system-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 ## The four service images, ragline/{gateway,retriever,reranker,llm}:dev (TAG=... for another

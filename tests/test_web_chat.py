@@ -9,8 +9,6 @@ the answer looked like while it streamed is recorded in the page by a MutationOb
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,19 +22,12 @@ import pytest
 from ragline_cli.processes import free_port, http_ready, nginx
 from ragline_cli.stack import REPO_ROOT, Stack
 
+from browser import CHROMIUM_ARGS, chromium_path
 from service_helpers import gateway_env, metric, poll, running_service, write_keys
 
 QUESTION = "How long does a sourdough starter take to double in volume after feeding?"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 WEB_ROOT = REPO_ROOT / "web"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TIMEOUT_MS = 60_000  # generous: CI machines have two cores and run the whole stack
 
 # Records, at every change of the page, the last turn's answer length and state and how
@@ -57,12 +48,6 @@ RECORDER = """() => {
   new MutationObserver(record).observe(document.body,
     {subtree: true, childList: true, characterData: true, attributes: true});
 }"""
-
-
-def chromium_path() -> str | None:
-    candidates = [os.environ.get("RAGLINE_TEST_CHROMIUM"), shutil.which("chromium")]
-    candidates.append("/usr/bin/chromium")
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
 @pytest.fixture(scope="module")
