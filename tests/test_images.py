@@ -234,9 +234,9 @@ class Container:
         proc = run(self.runtime, "logs", "--tail", "60", self.name, check=False)
         return proc.stdout + proc.stderr
 
-    def wait_started(self) -> None:
-        """Polls the startup probe's path within the manifest's startup budget."""
-        path = self.spec.probe_paths()["startupProbe"]
+    def wait_started(self, probe: str = "startupProbe") -> None:
+        """Polls the probe's path within the manifest's startup budget."""
+        path = self.spec.probe_paths()[probe]
         deadline = time.monotonic() + self.spec.startup_deadline()
         while time.monotonic() < deadline:
             if not self.state().get("Running"):
@@ -312,8 +312,11 @@ def deployment(runtime: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         helpers[0].wait_ready(15)
         for c in containers.values():
             c.start()
+        # As Kubernetes routes to a pod: started, then ready.
         for c in containers.values():
             c.wait_started()
+        for c in containers.values():
+            c.wait_started("readinessProbe")
         nginx_port = free_port()
         proxy = nginx(nginx_port, f"127.0.0.1:{ports['gateway']}", work / "nginx", ROOT / "web")
         helpers.append(proxy.start())
@@ -333,12 +336,21 @@ def deployment(runtime: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def ingest(deployment: Deployment) -> None:
-    response = httpx.post(
-        f"{deployment.public_url}/api/collections/smoke/documents",
-        json={"documents": [DOC]},
-        headers=bearer(deployment.key),
-        timeout=120,
-    )
+    """Ingests DOC; a 503 with Retry-After is waited out as a client would (the gateway
+    watches its upstreams once a second and may not have seen the retriever come up)."""
+
+    def post() -> httpx.Response | None:
+        response = httpx.post(
+            f"{deployment.public_url}/api/collections/smoke/documents",
+            json={"documents": [DOC]},
+            headers=bearer(deployment.key),
+            timeout=120,
+        )
+        if response.status_code == 503 and "retry-after" in response.headers:
+            return None
+        return response
+
+    response = poll(post, 60, "ingest through nginx", interval=1.0)
     assert response.status_code == 200, response.text
 
 
@@ -411,6 +423,7 @@ def test_the_retriever_keeps_its_chunks_across_a_restart(deployment: Deployment)
     assert took < retriever.spec.grace(), took
     retriever.start()
     retriever.wait_started()
+    retriever.wait_started("readinessProbe")
     # Nothing was ingested again: the chunks come from the volume.
     assert_cited_answer(ask(deployment))
 

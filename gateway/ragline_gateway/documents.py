@@ -37,6 +37,17 @@ _TIMEOUT_S = 300.0
 _PASSED_HEADERS = ("retry-after",)
 
 
+def retriever_unavailable() -> ApiError:
+    # Retry-After as on every 503 of a dependency (README): the gateway re-probes the
+    # retriever every second, so a retry soon is likely to get through.
+    return ApiError(
+        503,
+        "retriever_unavailable",
+        "the document index is unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _pass(request: Request, path: str, method: str | None = None) -> Response:
     retriever = request.app.state.retriever
     try:
@@ -49,11 +60,11 @@ async def _pass(request: Request, path: str, method: str | None = None) -> Respo
             _TIMEOUT_S,
         )
     except UpstreamError as exc:
-        raise ApiError(503, "retriever_unavailable", "the document index is unavailable") from exc
+        raise retriever_unavailable() from exc
     if upstream.status_code >= 500 and "application/json" not in upstream.headers.get(
         "content-type", ""
     ):
-        raise ApiError(503, "retriever_unavailable", "the document index is unavailable")
+        raise retriever_unavailable()
     headers = {k: upstream.headers[k] for k in _PASSED_HEADERS if k in upstream.headers}
     location = upstream.headers.get("location", "")
     if location.startswith("/v1/"):
