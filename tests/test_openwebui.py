@@ -126,13 +126,18 @@ def page(openwebui: str) -> Iterator[Any]:
 
 
 def ask(page: Any, question: str, answers_before: int) -> Any:
-    """Sends `question` and waits for its answer to finish (the Sources button shows then)."""
+    """Sends `question` and waits for its answer to finish: Open WebUI shows the Sources
+    button as soon as the source events arrive, and the Regenerate button under the last
+    answer only once it is complete."""
     page.locator("#chat-input").click()
     page.keyboard.type(question)
     page.keyboard.press("Enter")
-    sources = page.get_by_role("button", name=re.compile(r"Toggle \d+ sources"))
-    sources.nth(answers_before).wait_for()
     answer = page.locator("#response-content-container").nth(answers_before)
+    answer.wait_for()
+    page.get_by_role("button", name=re.compile(r"Toggle \d+ sources")).nth(
+        answers_before
+    ).wait_for()
+    page.get_by_role("button", name="Regenerate").wait_for()
     return answer
 
 
