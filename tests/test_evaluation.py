@@ -2,7 +2,8 @@
 
 The metric tests use values computed by hand (ranks → reciprocal ranks, log2 discounts),
 so an off-by-one in a cutoff or a double-counted document fails them. The slow tests run
-the harness on the real backends and the MiniLM weights.
+the harness on the real backends and the MiniLM weights. `ragline eval --answers` gets its
+metric functions checked on hand-made answers and one run against the session stack.
 """
 
 from __future__ import annotations
@@ -501,3 +502,261 @@ def test_eval_command_on_squad_dev_prints_one_json_object() -> None:
     assert table["hybrid"]["recall@20"] >= best_single
     # The human-readable report and the sweep went to stderr.
     assert "not measured" in proc.stderr and "Fusion sweep" in proc.stderr
+
+
+# --- `ragline eval --answers`: metric functions on hand-made answers -----------------------
+
+PASSAGE_1 = "The Normans were the people of Normandy.  They came from Norway and Denmark."
+PASSAGE_2 = "Rollo swore fealty to King Charles III. His descendants became dukes."
+SOURCES = [
+    {"n": 2, "doc_id": "other", "text": PASSAGE_2},  # out of order: scored by n
+    {"n": 1, "doc_id": "gold", "text": PASSAGE_1},
+]
+
+
+def test_answer_sentences_carry_the_markers_before_or_after_their_full_stop() -> None:
+    from ragline_cli.answers import Sentence, split_answer
+
+    answer = (
+        "The Normans were the people of Normandy. [1] They came from Norway [1, 2]. "
+        "Rollo swore fealty to King Charles III [2][1]. No marker here. In [2024] no cite."
+    )
+    assert split_answer(answer) == [
+        Sentence("The Normans were the people of Normandy.", (1,)),
+        Sentence("They came from Norway.", (1, 2)),
+        Sentence("Rollo swore fealty to King Charles III.", (1, 2)),
+        Sentence("No marker here.", ()),
+        Sentence("In [2024] no cite.", ()),  # four digits: not a citation
+    ]
+    # Whitespace is normalised; a marker opening the answer cites the sentence it opens.
+    assert split_answer("[2]  Rollo swore\n fealty.") == [Sentence("Rollo swore fealty.", (2,))]
+    # A marker closes what it cites where no full stop does: a sentence ending in ":" or in
+    # a bracket, a passage starting mid-sentence; in mid-sentence, it cites what precedes it.
+    assert split_answer(
+        "Defined as follows: [2] Many classes exist. [1] It was in Galilee.[citation needed] "
+        "[3] computed on a Turing machine. [4] Rollo [1] swore fealty [2], and left [1,3]."
+    ) == [
+        Sentence("Defined as follows:", (2,)),
+        Sentence("Many classes exist.", (1,)),
+        Sentence("It was in Galilee.[citation needed]", (3,)),
+        Sentence("computed on a Turing machine.", (4,)),
+        Sentence("Rollo", (1,)),
+        Sentence("swore fealty,", (2,)),
+        Sentence("and left.", (1, 3)),
+    ]
+
+
+def test_a_citation_counts_when_its_sentence_is_in_the_cited_passage() -> None:
+    from ragline_cli.answers import score_answer
+
+    answer = (
+        "The Normans were the people of Normandy. [1] "  # in passage 1: supported
+        "They came from Norway and Denmark [2]. "  # in passage 1, cites 2: not supported
+        "His descendants became dukes. [1, 2] "  # in passage 2 only: one of two supported
+        "Rollo was tall [2]. "  # in no passage
+        "Rollo swore fealty to King Charles III. [7]"  # no source 7
+    )
+    score = score_answer(answer, SOURCES, {"gold": 1}, [PASSAGE_1])
+    assert (score.citations, score.supported_citations) == (6, 2)
+    assert score.cited and score.from_gold
+    assert (score.sources, score.relevant_sources, score.top_hit) == (2, 1, True)
+
+    # The first source (n=1) is not relevant: no top hit; nothing from the gold passage.
+    other = score_answer("His descendants became dukes. [2]", SOURCES, {"other": 1}, [PASSAGE_2])
+    assert (other.top_hit, other.relevant_sources, other.from_gold) == (False, 1, True)
+    missed = score_answer("His descendants became dukes. [2]", SOURCES, {"x": 1}, ["Other."])
+    assert (missed.top_hit, missed.relevant_sources, missed.from_gold) == (False, 0, False)
+    assert (missed.citations, missed.supported_citations) == (1, 1)
+
+
+def test_an_uncited_answer_and_a_fragment_are_not_evidence() -> None:
+    from ragline_cli.answers import score_answer
+
+    refusal = score_answer("I could not find an answer to that in the documents.", [], {"g": 1}, [])
+    assert not refusal.cited and not refusal.from_gold and not refusal.top_hit
+    assert (refusal.citations, refusal.sources) == (0, 0)
+    # "Norway." is in the gold passage, but two words prove nothing; the whole sentence does.
+    assert not score_answer("Norway. [1]", SOURCES, {"gold": 1}, [PASSAGE_1]).from_gold
+    assert score_answer("They came from Norway and Denmark.", [], {}, [PASSAGE_1]).from_gold
+
+
+def test_summary_shares_citation_precision_and_ttft() -> None:
+    from ragline_cli.answers import KEYS, AnswerScore, summarize
+
+    def score(**kw: Any) -> AnswerScore:
+        base = dict(sources=5, relevant_sources=1, top_hit=True, citations=2,
+                    supported_citations=2, cited=True, from_gold=True, ttft_ms=100.0)  # fmt: skip
+        return AnswerScore(**{**base, **kw})
+
+    scores = [
+        score(),
+        score(top_hit=False, relevant_sources=0, supported_citations=1, ttft_ms=300.0),
+        score(
+            sources=0,
+            relevant_sources=0,
+            top_hit=False,
+            citations=0,
+            supported_citations=0,
+            cited=False,
+            from_gold=False,
+            ttft_ms=200.0,
+        ),
+        score(cached=True, ttft_ms=1.0, degraded=True),  # a cache hit: no TTFT sample
+    ]
+    report = summarize(scores, questions=5, errors=1)
+    assert set(report) == set(KEYS)
+    assert report["top_source_hit"] == 0.5
+    assert report["sources_precision"] == pytest.approx((0.2 + 0 + 0 + 0.2) / 4)
+    assert report["sources_per_answer"] == 15 / 4
+    assert report["citation_precision"] == pytest.approx(5 / 6)
+    assert report["uncited_answers"] == 0.25
+    assert report["answers_from_gold"] == 0.75
+    assert report["ttft_p50_ms"] == 200.0
+    assert report["ttft_p95_ms"] == pytest.approx(290.0)
+    assert (report["questions"], report["answered"], report["errors"]) == (5, 4, 1)
+    assert (report["cached"], report["degraded"], report["citations"]) == (1, 1, 6)
+    uncited = summarize([score(citations=0, supported_citations=0, cited=False)], 1, 0)
+    assert uncited["citation_precision"] is None
+    assert summarize([], 3, 3)["top_source_hit"] is None
+
+
+def test_the_eval_collection_is_named_after_the_data_set_and_its_content() -> None:
+    import re
+
+    from ragline_cli.answers import collection_name
+    from ragline_common.wire import COLLECTION_PATTERN
+
+    docs = [{"id": "a", "title": "A", "text": "x"}, {"id": "b", "title": "B", "text": "y"}]
+    name = collection_name("squad-dev", docs)
+    assert name.startswith("eval_squad_dev_") and re.fullmatch(COLLECTION_PATTERN, name)
+    assert collection_name("squad-dev", docs[::-1]) == name  # order does not matter
+    changed = [docs[0], {**docs[1], "text": "z"}]
+    assert collection_name("squad-dev", changed) != name
+    long = collection_name("Ünïcode " + "x" * 100, docs)
+    assert re.fullmatch(COLLECTION_PATTERN, long), long
+
+
+def _fake_stack(collections: dict[str, int], jobs: list[dict[str, Any]]) -> Any:
+    import httpx
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/collections":
+            listed = [{"name": n, "chunks": c} for n, c in collections.items()]
+            return httpx.Response(200, json={"collections": listed})
+        if request.url.path == "/api/jobs":
+            wanted = request.url.params["collection"]
+            return httpx.Response(
+                200, json={"jobs": [j for j in jobs if j["collection"] == wanted]}
+            )
+        return httpx.Response(404)
+
+    return httpx.Client(base_url="http://ragline.test", transport=httpx.MockTransport(handle))
+
+
+def test_the_corpus_counts_as_ingested_only_after_jobs_that_covered_it() -> None:
+    from ragline_cli.answers import ingested
+
+    def job(status: str, documents: int, collection: str = "c") -> dict[str, Any]:
+        return {"job_id": "0" * 32, "collection": collection, "status": status,
+                "documents": documents, "documents_done": documents, "chunks": 1}  # fmt: skip
+
+    assert not ingested(_fake_stack({}, []), "c", 10)  # no such collection
+    assert ingested(_fake_stack({"c": 12}, [job("succeeded", 10)]), "c", 10)
+    both = [job("succeeded", 6), job("succeeded", 4), job("succeeded", 99, "other")]
+    assert ingested(_fake_stack({"c": 12}, both), "c", 10)
+    # Half of it, or a failed job, or a server that no longer lists the jobs: ingest again.
+    assert not ingested(_fake_stack({"c": 6}, [job("succeeded", 6), job("failed", 4)]), "c", 10)
+    assert not ingested(_fake_stack({"c": 12}, []), "c", 10)
+    assert not ingested(_fake_stack({"c": 0}, [job("succeeded", 10)]), "c", 10)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--answers", "--keep", "k"], "--keep apply to the retrieval eval"),
+        (["--answers", "--sweep"], "--sweep apply to the retrieval eval"),
+        (["--answers", "--limit", "0"], "--limit must be at least 1"),
+        (["--answers", "--concurrency", "0"], "--concurrency must be within"),
+        (["--limit", "5", "--url", "http://x"], "--url, --limit need --answers"),
+    ],
+)
+def test_cli_refuses_options_of_the_other_eval(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], options: list[str], expected: str
+) -> None:
+    from ragline_cli.evaluate import main
+
+    assert main([str(make_dataset(tmp_path / "d")), *options]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and expected in err
+
+
+def test_cli_answers_says_when_nothing_answers(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from ragline_cli.evaluate import main
+    from ragline_cli.processes import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main([str(make_dataset(tmp_path / "d")), "--answers", "--json", "--url", url]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and f"nothing answers at {url}" in err
+
+
+# --- `ragline eval --answers` against the session stack ----------------------------------
+
+ANSWER_KEYS = {
+    "top_source_hit", "sources_precision", "sources_per_answer", "citation_precision",
+    "uncited_answers", "answers_from_gold", "ttft_p50_ms", "ttft_p95_ms",
+}  # fmt: skip
+SHARES = ANSWER_KEYS - {"sources_per_answer", "ttft_p50_ms", "ttft_p95_ms"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(
+    not SQUAD_DEV.is_dir(), reason=f"{SQUAD_DEV} is absent (CI puts shared/ beside the clone)"
+)
+def test_eval_answers_on_a_slice_of_squad_dev(public_url: str) -> None:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ragline_cli.main",
+            "eval",
+            str(SQUAD_DEV),
+            "--answers",
+            "--limit",
+            "40",
+            "--concurrency",
+            "2",
+            "--json",
+            "--url",
+            public_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+        check=False,
+    )
+    print(f"ragline eval --answers on 40 questions took {time.perf_counter() - start:.0f} s")
+    print(proc.stderr[-2500:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)  # the whole of stdout is one JSON document
+    assert set(result) == {"answers"}
+    answers = result["answers"]
+    assert ANSWER_KEYS <= set(answers)
+    assert (answers["questions"], answers["answered"], answers["errors"]) == (40, 40, 0)
+    for key in SHARES:
+        assert 0.0 <= answers[key] <= 1.0, (key, answers[key])
+    assert 1 <= answers["sources_per_answer"] <= 50
+    assert 0 < answers["ttft_p50_ms"] <= answers["ttft_p95_ms"] < 60_000
+    # The extractive engine quotes the passages it cites, and SQuAD questions are written
+    # on their paragraph: the gold paragraph is usually first and usually quoted.
+    assert answers["top_source_hit"] > 0.5
+    assert answers["citation_precision"] > 0.9
+    assert answers["uncited_answers"] < 0.1
+    assert answers["answers_from_gold"] > 0.6
+    assert answers["sources_precision"] > 0  # at least the top hits are relevant sources

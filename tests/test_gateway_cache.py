@@ -34,6 +34,9 @@ def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         default_collection=COLLECTION,
         requests_per_minute="0",
         max_tokens="40",
+        # No relevance cut-off: both Quillon documents are sources, so that an answer made
+        # after the survey was ingested shows it.
+        blend_max_drop="off",
     )
     with running_service("gateway-cache", "ragline_gateway", env, tmp / "logs") as svc:
         ingest(svc.url, FIRST)

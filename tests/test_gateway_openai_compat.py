@@ -143,9 +143,11 @@ def recorder() -> Iterator[Recorder]:
 def gw(stack: Stack, recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A gateway on the recorder, with a collection holding one document of two chunks."""
     tmp = tmp_path_factory.mktemp("openai-compat")
+    # Both chunks are sources (no relevance cut-off): the recorder cites [1] and [2], and
+    # the gateway drops citations of sources it did not send.
     env = gateway_env(
         stack.config, llm_url=recorder.url, allow_anonymous="true", cache_ttl_s="0",
-        requests_per_minute="0", max_streams_per_key="0",
+        requests_per_minute="0", max_streams_per_key="0", blend_max_drop="1",
     )  # fmt: skip
     with running_service("gateway-compat", "ragline_gateway", env, tmp / "logs") as svc:
         doc = {

@@ -1,5 +1,6 @@
-"""The gateway's pure pieces: the keys file rules, the history budget, the cache key, and
-the in-process limiter that serves a single replica without Redis."""
+"""The gateway's pure pieces: the keys file rules, the history budget, the cache key, the
+in-process limiter that serves a single replica without Redis, and the blend ranking with
+its relevance cut-off."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import asyncio
 import pytest
 
 from ragline_common.errors import ApiError
+from ragline_common.wire import Hit
 from ragline_gateway.auth import Caller, KeyRing, hash_key, new_key, parse_keys
 from ragline_gateway.cache import cache_key, normalise
 from ragline_gateway.limits import LocalLimiter
 from ragline_gateway.memory import Turn
 from ragline_gateway.prompt import estimate_tokens, fit_history
+from ragline_gateway.ranking import Cutoff, blend, resolve
 
 
 def entry(id_: str, tenant: str, collections: list[str], **extra: object) -> dict[str, object]:
@@ -136,3 +139,47 @@ def test_ragline_keys_new_writes_only_the_digest(
         main(["keys", "new", "--id", "x", "--tenant", "globex", "--collection", "acme_docs",
               "--file", str(keys_file)])  # fmt: skip
     assert orjson.loads(keys_file.read_bytes())["keys"] == stored
+
+
+def hit(chunk_id: str, lexical: float | None, dense: float | None) -> Hit:
+    return Hit(chunk_id=chunk_id, doc_id=chunk_id, text=chunk_id, score=0.0,
+               scores={"lexical": lexical, "dense": dense})  # fmt: skip
+
+
+def test_blend_mixes_bm25_over_the_top_one_with_the_cosine() -> None:
+    hits = [hit("a", 10.0, 0.2), hit("b", 5.0, 0.9), hit("c", None, 0.5)]
+    ranked = blend(hits, 0.4)
+    assert [(h.chunk_id, round(s, 6)) for h, s in ranked] == [
+        ("b", round(0.4 * 0.5 + 0.6 * 0.9, 6)),
+        ("a", round(0.4 * 1.0 + 0.6 * 0.2, 6)),
+        ("c", round(0.6 * 0.5, 6)),  # not among the lexical hits: BM25 counts 0
+    ]
+    # A backend down: the other's scores alone rank, whatever the weight.
+    no_lexical = [hit("a", None, 0.2), hit("b", None, 0.9)]
+    assert [(h.chunk_id, s) for h, s in blend(no_lexical, 0.4)] == [("b", 0.9), ("a", 0.2)]
+    no_dense = [hit("a", 2.0, None), hit("b", 8.0, None)]
+    assert [(h.chunk_id, s) for h, s in blend(no_dense, 0.4)] == [("b", 1.0), ("a", 0.25)]
+    assert blend([], 0.4) == []
+
+
+def test_cutoff_keeps_the_top_source_and_those_near_it() -> None:
+    ranked = [(hit(c, 1.0, 0.5), s) for c, s in (("a", 0.8), ("b", 0.7), ("c", 0.5), ("d", 0.2))]
+
+    def kept(cut: Cutoff) -> list[str]:
+        return [h.chunk_id for h, _ in cut.apply(ranked)]
+
+    assert kept(Cutoff()) == ["a", "b", "c", "d"]
+    assert kept(Cutoff(max_drop=0.15)) == ["a", "b"]
+    assert kept(Cutoff(max_drop=0.3)) == ["a", "b", "c"]
+    assert kept(Cutoff(min_score=0.6)) == ["a", "b"]
+    assert kept(Cutoff(max_drop=0.5, min_score=0.55)) == ["a", "b"]
+    assert kept(Cutoff(min_score=5.0)) == ["a"]  # always one
+    assert Cutoff(max_drop=0.1).apply([]) == []
+
+
+def test_auto_ranking_skips_a_reranker_without_a_cross_encoder() -> None:
+    assert resolve("auto", "bi-encoder") == "blend"
+    for scorer in ("cross-encoder", "external", None):  # None: not known yet
+        assert resolve("auto", scorer) == "reranker"
+    assert resolve("fused", "cross-encoder") == "fused"
+    assert resolve("reranker", "bi-encoder") == "reranker"

@@ -27,7 +27,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from ragline_cli.stack import REPO_ROOT, Stack
+from ragline_common.passages import DONT_KNOW, Passage
 from ragline_common.wire import ChatMessage, ResponseFormat
+from ragline_gateway.prompt import build_messages
 from ragline_llm.engines.base import GenerationRequest
 from ragline_llm.engines.vllm_engine import (
     GIB,
@@ -61,6 +63,36 @@ MESSAGES = [
     {"role": "system", "content": "Answer from the sources; cite them as [n]."},
     {"role": "user", "content": "What do tardigrades survive?"},
 ]
+
+# The gateway's knowledge-base prompt, as a generation model gets it.
+RAG_MESSAGES = build_messages(
+    "How long does a sourdough starter take to double?",
+    [
+        Passage(1, "Sourdough", "## Feeding\nA fed starter doubles in four to eight hours."),
+        Passage(2, "Bread", "Bread is baked at 230 degrees."),
+    ],
+    [],
+)
+
+# --- the prompt a vLLM model reads (no engine needed) ----------------------------------
+
+
+def test_the_rag_prompt_asks_a_model_for_citations_and_i_dont_know() -> None:
+    """The gateway's messages through the model's chat template, as the vLLM engine
+    renders them: the system turn asks for [n] citations of the numbered passages, only
+    of those, and for the "I don't know" reply when they do not say."""
+    text = jinja2.Template(LLAMA_CHAT_TEMPLATE).render(
+        messages=RAG_MESSAGES, bos_token=BOS, eos_token=EOS, add_generation_prompt=True
+    )
+    system = text.split("<|system|>\n", 1)[1].split(EOS, 1)[0]
+    assert "numbered sources" in system and "square brackets" in system and "[1]" in system
+    assert "cite only numbers of the sources given" in system
+    assert f'"{DONT_KNOW}"' in system and DONT_KNOW.startswith("I don't know")
+    user = text.split("<|user|>\n", 1)[1].split(EOS, 1)[0]
+    assert user.startswith("Sources:\n[1] Sourdough\n## Feeding\nA fed starter doubles")
+    assert "\n\n[2] Bread\nBread is baked" in user
+    assert user.endswith("\n\nQuestion: How long does a sourdough starter take to double?")
+
 
 # --- settings and sampling mapped to vLLM's arguments (no engine needed) ---------------
 
@@ -313,6 +345,12 @@ class TestLlmSvcOnVllm:
         assert usage["completion_tokens"] == 9
         assert usage["prompt_tokens"] == chat_prompt_tokens(tiny_llama, MESSAGES)
         assert usage["total_tokens"] == usage["prompt_tokens"] + 9
+
+    def test_the_rag_prompt_is_what_the_engine_reads(self, url: str, tiny_llama: Path) -> None:
+        """The gateway's prompt, citation instruction included, reaches the model whole:
+        llm-svc counts exactly the tokens of its rendering by the model's template."""
+        body = complete(url, messages=RAG_MESSAGES, max_tokens=2, ignore_eos=True)
+        assert body["usage"]["prompt_tokens"] == chat_prompt_tokens(tiny_llama, RAG_MESSAGES)
 
     def test_sampling_parameters_reach_the_engine(self, url: str) -> None:
         sampled = {"temperature": 1.0, "max_tokens": 16, "ignore_eos": True}

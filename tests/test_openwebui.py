@@ -50,9 +50,12 @@ RECORDER = """() => {
 @pytest.fixture(scope="module")
 def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     logs = tmp_path_factory.mktemp("openwebui-gateway")
+    # No relevance cut-off: the test reads how Open WebUI lists several sources (the
+    # default keeps only the honeybee article for this question).
     env = gateway_env(
-        stack.config, allow_anonymous="true", cache_ttl_s="0", requests_per_minute="0"
-    )
+        stack.config, allow_anonymous="true", cache_ttl_s="0", requests_per_minute="0",
+        blend_max_drop="off",
+    )  # fmt: skip
     with running_service("gateway", "ragline_gateway", env, logs) as service:
         yield service
 

@@ -434,6 +434,36 @@ def test_chunk_ids(role_factory: Any) -> None:
     role_factory(scenario)
 
 
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_dense_similarities_score_stored_vectors(kind: str, tmp_path: Path) -> None:
+    """The cosine of a query vector and chunks' stored vectors, by id, with no search:
+    how the retriever scores the hits that only the lexical search found."""
+    query = [1.0, 0.05, 0.0, 0.0]
+
+    def cosine(v: list[float]) -> float:
+        dot = sum(a * b for a, b in zip(query, v, strict=True))
+        return dot / (sum(a * a for a in query) ** 0.5 * sum(b * b for b in v) ** 0.5)
+
+    async def scenario(index: Any) -> None:
+        name = unique("s")
+        await index.ensure_collection(name)
+        chunks, vectors = corpus()
+        await index.upsert(name, chunks, vectors)
+        wanted = ["durian#0", "apple#0", "nowhere#0", "apple#0"]
+        found = await index.similarities(name, query, wanted)
+        assert set(found) == {"durian#0", "apple#0"}  # an unknown chunk is left out
+        for chunk_id, vector in (("apple#0", vectors[0]), ("durian#0", vectors[3])):
+            assert found[chunk_id] == pytest.approx(cosine(vector), abs=1e-5)
+        # The same figures the search gives for the same chunks.
+        searched = {h.chunk.chunk_id: h.score for h in await index.search(name, query, 10)}
+        assert found["apple#0"] == pytest.approx(searched["apple#0"], abs=1e-5)
+        assert await index.similarities(name, query, []) == {}
+        with pytest.raises(CollectionNotFound):
+            await index.similarities(unique("missing"), query, ["apple#0"])
+
+    run(dense_factory_for(kind, tmp_path), scenario)
+
+
 # --- the filter wire format that every backend above implements -------------------------
 
 FILTERS: TypeAdapter[Filters] = TypeAdapter(Filters)

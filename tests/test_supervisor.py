@@ -170,7 +170,15 @@ def _ready(url: str) -> bool:
 def test_supervised_stack_restarts_a_killed_reranker_and_stops_on_a_crash_loop(
     tmp_path: Path,
 ) -> None:
-    config = StackConfig.on_free_ports(tmp_path, {"llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "1"}})
+    config = StackConfig.on_free_ports(
+        tmp_path,
+        {
+            "llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "1"},
+            # Every answer calls the reranker, so its outage shows in `degraded` (by default
+            # a gateway does not call a reranker-svc that has no cross-encoder).
+            "gateway": {"RAGLINE_GATEWAY_RANKING": "reranker"},
+        },
+    )
     missing = config.missing_binaries()
     if missing:
         pytest.fail(f"{' and '.join(missing)} not installed: run `make test` (it installs them)")

@@ -1,4 +1,5 @@
-"""`ragline eval DIR`: retrieval quality of the hybrid retriever on a BEIR data set.
+"""`ragline eval DIR`: retrieval quality of the hybrid retriever on a BEIR data set;
+`ragline eval DIR --answers`: answer quality and time to first token of a running stack.
 
 Ingests the corpus into a fresh embedded index (tantivy + Milvus Lite in a temporary
 directory, removed afterwards unless `--keep DIR`) through the retriever's own code, and
@@ -10,6 +11,15 @@ Retriever settings (RRF k, candidate depths, weights, chunking, embedding model)
 from the `RAGLINE_RETRIEVER_*` environment as for the service; the backends are always
 the embedded ones. The retriever package is imported only when this command runs, so a
 CLI installed without it still works for everything that talks HTTP.
+
+With `--answers` nothing is indexed in-process (the package is still needed, for its
+BEIR loader): the corpus is ingested into a collection of the stack at `--url` (if it is
+not there yet) and every query is asked through `/api/chat`; it reports top_source_hit,
+sources_precision, sources_per_answer, citation_precision, uncited_answers,
+answers_from_gold and client-side TTFT p50/p95. `--json` then prints
+`{"answers": {metric: value}}`. `--url` follows the other commands: --url, env
+RAGLINE_URL, the URL a running `ragline up` recorded in run/stack.json,
+http://127.0.0.1:8080. Definitions and how "there yet" is decided: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -34,7 +44,10 @@ NOT_INSTALLED = (
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("dataset", type=Path, metavar="DIR", help="a data set in BEIR layout")
     parser.add_argument(
-        "--json", action="store_true", help="print only one JSON object {mode: {metric: value}}"
+        "--json",
+        action="store_true",
+        help="print only one JSON object: {mode: {metric: value}}; "
+        'with --answers {"answers": {metric: value}}',
     )
     parser.add_argument(
         "--keep", type=Path, metavar="DIR", help="build the index here (empty or new) and keep it"
@@ -50,12 +63,67 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="test", help="qrels file: qrels/SPLIT.tsv")
     parser.add_argument("--verbose", action="store_true", help="the retriever's logs too")
+    answers = parser.add_argument_group(
+        "answers", "answer quality through a running stack (docs/evaluation.md)"
+    )
+    answers.add_argument(
+        "--answers",
+        action="store_true",
+        help="ask every query through /api/chat of a running stack and score the answers "
+        "(instead of the in-process retrieval eval)",
+    )
+    answers.add_argument(
+        "--url",
+        default=None,
+        help="the stack's URL (precedence: --url, env RAGLINE_URL, the URL a running "
+        "`ragline up` recorded in run/stack.json, http://127.0.0.1:8080)",
+    )
+    answers.add_argument(
+        "--collection",
+        default=None,
+        help="the collection to fill and ask (default: eval_<data set>_<corpus fingerprint>)",
+    )
+    answers.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="only the first N queries"
+    )
+    answers.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        metavar="N",
+        help="questions in flight at once (default 1: TTFT of a single stream)",
+    )
+    answers.add_argument(
+        "--reingest",
+        action="store_true",
+        help="ingest the corpus even when the collection holds it already",
+    )
     return parser
+
+
+_ANSWERS_ONLY = ("url", "collection", "limit", "concurrency", "reingest")
+_RETRIEVAL_ONLY = ("keep", "sweep")
+
+
+def _check_options(args: argparse.Namespace) -> str:
+    """What is wrong with the combination of options, or ''."""
+    if args.answers:
+        given = [f"--{n}" for n in _RETRIEVAL_ONLY if getattr(args, n)]
+        if given:
+            return f"{' and '.join(given)} apply to the retrieval eval, not to --answers"
+        if args.limit is not None and args.limit < 1:
+            return "--limit must be at least 1"
+        if args.concurrency is not None and not 1 <= args.concurrency <= 64:
+            return "--concurrency must be within 1..64"
+        args.concurrency = args.concurrency or 1
+        return ""
+    given = [f"--{n}" for n in _ANSWERS_ONLY if getattr(args, n) not in (None, False)]
+    return f"{', '.join(given)} need --answers" if given else ""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `eval` on the `ragline` command's subparsers."""
-    summary = "measure retrieval quality on a BEIR data set"
+    summary = "retrieval quality on a BEIR data set; --answers: answer quality of a stack"
     parser = subparsers.add_parser(
         "eval",
         help=summary,
@@ -105,7 +173,15 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = _check_options(args)
+    if problem:
+        print(f"ragline eval: {problem}", file=sys.stderr)
+        return 2
     _configure_logging(args.verbose)
+    if args.answers:
+        from ragline_cli import answers
+
+        return answers.run(args)
     if args.keep is not None and args.keep.exists():
         if not args.keep.is_dir() or any(args.keep.iterdir()):
             print(

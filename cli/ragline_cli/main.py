@@ -6,10 +6,12 @@ ragline ingest PATH          a file or a folder of .md/.txt/.rst/.html/.pdf file
 ragline ask "question"       stream an answer with its sources
 ragline verify COLLECTION    compare the lexical and dense indexes of a collection
 ragline eval DIR             retrieval quality on a BEIR-layout data set (in-process)
+ragline eval DIR --answers   answer quality and TTFT of a running stack on that data set
 ragline keys new ...         a new API key and its entry for the gateway's keys file
 
-ingest, ask, verify and status talk to --url; without it, to RAGLINE_URL; without that,
-to the URL a running `ragline up` recorded in run/stack.json; else http://127.0.0.1:8080.
+ingest, ask, verify, status and eval --answers talk to --url; without it, to RAGLINE_URL;
+without that, to the URL a running `ragline up` recorded in run/stack.json; else
+http://127.0.0.1:8080.
 They send the API key in RAGLINE_API_KEY when it is set.
 """
 
@@ -217,6 +219,35 @@ def _batches(docs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return [b for b in batches if b]
 
 
+def submit_documents(
+    client: httpx.Client, docs: list[dict[str, Any]], collection: str
+) -> list[dict[str, Any]]:
+    """JSON documents as ingest jobs of up to JOB_BATCH each; the submitted jobs."""
+    return [
+        _submitted(
+            send(client, "POST", f"/api/collections/{collection}/jobs", json={"documents": b})
+        )
+        for b in _batches(docs)
+    ]
+
+
+def finish_jobs(client: httpx.Client, jobs: list[dict[str, Any]]) -> tuple[int, int]:
+    """Waits for every job; (documents, chunks) ingested, or exits on a failed job."""
+    ended = wait_for_jobs(client, jobs)
+    failed = [j for j in ended if j["status"] != "succeeded"]
+    if failed:
+        for job in failed:
+            print(f"job {job['job_id']} {job['status']}: {job.get('error')}", file=sys.stderr)
+        raise SystemExit(f"{len(failed)} of {len(ended)} ingest jobs did not succeed")
+    return sum(j["documents"] for j in ended), sum(j["chunks"] for j in ended)
+
+
+def ingest_documents(url: str, docs: list[dict[str, Any]], collection: str) -> tuple[int, int]:
+    """Documents already read (`{"id", "title", "text", ...}`), ingested as `ingest` does."""
+    with httpx.Client(base_url=url, timeout=600, headers=auth_headers()) as client:
+        return finish_jobs(client, submit_documents(client, docs, collection))
+
+
 def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
     """Text files go as JSON documents in jobs of up to JOB_BATCH; HTML and PDF files are
     uploaded for the retriever to parse. Waits for every job; exits on a failed one."""
@@ -226,12 +257,7 @@ def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
         raise SystemExit(f"no .md/.txt/.rst/.html/.pdf files under {path}")
     root = path if path.is_dir() else path.parent
     with httpx.Client(base_url=url, timeout=600, headers=auth_headers()) as client:
-        jobs = [
-            _submitted(
-                send(client, "POST", f"/api/collections/{collection}/jobs", json={"documents": b})
-            )
-            for b in _batches(docs)
-        ]
+        jobs = submit_documents(client, docs, collection)
         for file, doc_id, content_type in uploads:
             params = {
                 "filename": file.name,
@@ -250,13 +276,7 @@ def ingest(url: str, path: Path, collection: str) -> tuple[int, int]:
                     )
                 )
             )
-        ended = wait_for_jobs(client, jobs)
-    failed = [j for j in ended if j["status"] != "succeeded"]
-    if failed:
-        for job in failed:
-            print(f"job {job['job_id']} {job['status']}: {job.get('error')}", file=sys.stderr)
-        raise SystemExit(f"{len(failed)} of {len(ended)} ingest jobs did not succeed")
-    return sum(j["documents"] for j in ended), sum(j["chunks"] for j in ended)
+        return finish_jobs(client, jobs)
 
 
 def verify(url: str, collection: str) -> int:

@@ -12,6 +12,11 @@ sides use these two functions:
     text of passage two
 
     Question: the user's question
+
+A passage keeps its lines (each with its spaces collapsed; blank lines dropped, since a
+blank line ends the passage): a heading, a list item or a PDF title line stays on a line
+of its own, where a model reads it as structure and the extractive engine can leave it
+out of an answer, instead of being glued to the sentence after it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import re
 from dataclasses import dataclass
 
 SOURCES_HEADER = "Sources:"
+# The answer when the passages do not say: what the gateway's system prompt asks a model
+# to reply, and what llm-svc's extractive engine replies.
+DONT_KNOW = "I don't know, the documents don't say."
 QUESTION_PREFIX = "Question:"
 _PASSAGE_START = re.compile(r"^\[(\d+)\] ?(.*)$")
 
@@ -31,8 +39,16 @@ class Passage:
     text: str
 
 
+def passage_lines(text: str) -> str:
+    """`text` as the prompt carries it: its non-blank lines, spaces collapsed in each."""
+    return "\n".join(line for line in (" ".join(raw.split()) for raw in text.splitlines()) if line)
+
+
 def render_sources(passages: list[Passage], question: str) -> str:
-    blocks = [f"[{p.n}] {p.title}".rstrip() + "\n" + " ".join(p.text.split()) for p in passages]
+    blocks = [
+        f"[{p.n}] {' '.join(p.title.split())}".rstrip() + "\n" + passage_lines(p.text)
+        for p in passages
+    ]
     return f"{SOURCES_HEADER}\n" + "\n\n".join(blocks) + f"\n\n{QUESTION_PREFIX} {question}"
 
 

@@ -320,6 +320,12 @@ class Hit(BaseModel):
     score: float
     # 1-based rank in each backend's list; None where that backend did not return it.
     ranks: dict[Literal["lexical", "dense"], int | None] = Field(default_factory=dict)
+    # Each backend's own score: `lexical` the BM25 score (None where the lexical search did
+    # not return the chunk), `dense` the cosine of the query embedding and the chunk's
+    # stored vector (for a hit only the lexical search found, its vector is looked up, not
+    # embedded again; None when that failed or the dense backend is down). What the
+    # gateway ranks by when no cross-encoder is configured (ranking.py there).
+    scores: dict[Literal["lexical", "dense"], float | None] = Field(default_factory=dict)
 
 
 class RetrieveResponse(BaseModel):

@@ -22,7 +22,7 @@ from ragline_gateway.clients.base import UpstreamError
 from ragline_gateway.memory import Turn
 from ragline_gateway.openwebui import wants_source_events
 from ragline_gateway.pipeline import AnswerPipeline, PreparedAnswer, Question
-from ragline_gateway.protocol import ChatRequest, OpenAIChatRequest
+from ragline_gateway.protocol import ChatRequest, OpenAIChatRequest, cutoff_overrides
 from ragline_gateway.settings import GatewaySettings
 from ragline_gateway.streaming import AnswerResponse, OpenAIChunks, native_sse, openai_completion
 
@@ -84,6 +84,7 @@ async def chat(
         tenant=caller.tenant,
         filters=body.filters,
         top_k=body.top_k,
+        cutoff=cutoff_overrides(body),
         conversation_id=body.conversation_id,
     )
     ticket = await admission.admit_stream(caller)
@@ -157,6 +158,7 @@ async def _openai_question(
         tenant=caller.tenant,
         filters=body.filters,
         top_k=body.top_k,
+        cutoff=cutoff_overrides(body),
         conversation_id=conversation_id,
         history=history,
         sampling=options,
@@ -217,22 +219,28 @@ async def models(request: Request, caller: Caller = Depends(chat_caller)) -> dic
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> Response:
     """Ready when the services an answer cannot do without answer; the reranker is optional
-    (its loss degrades answers, it does not stop them)."""
+    (its loss degrades answers, it does not stop them). `ranking` says how sources are
+    ordered and cut off now (ranking.py)."""
     state = request.app.state
     upstreams = {"retriever": state.retriever, "llm": state.llm, "reranker": state.reranker}
 
     async def probe(client: Any) -> bool:
         try:
-            await client.call("GET", client.health_path, 2.0)
-            return True
+            payload = await client.call("GET", client.health_path, 2.0)
         except UpstreamError:
             return False
+        client.observe_health(200, payload)
+        return True
 
     results = dict(
         zip(upstreams, await asyncio.gather(*(probe(c) for c in upstreams.values())), strict=True)
     )
     ready = results["retriever"] and results["llm"] and not state.draining
     return JsonResponse(
-        {"status": "ready" if ready else "not_ready", "upstreams": results},
+        {
+            "status": "ready" if ready else "not_ready",
+            "upstreams": results,
+            "ranking": state.pipeline.ranking_status(),
+        },
         status_code=200 if ready else 503,
     )

@@ -14,17 +14,75 @@
   (then position), so a UI that numbers citations by arrival numbers them as the answer
   does. Offsets count Unicode code points. Passages the answer never cites have no marker
   and so no annotation; every passage is in the response's `sources`.
+
+Citations of sources that do not exist ("[7]" when three passages were sent: a model
+miscounting, or citing a number from the conversation's history) are dropped from the
+answer before it reaches the client, by `CitationFilter`, as the tokens are relayed: in
+"[1, 7]" only the 7 goes, a marker that cites nothing that exists goes whole with the
+spaces before it ("in France [7]." becomes "in France."). Dropped rather than marked: a UI
+turns "[n]" into a link to source n, and a marked "[7?]" is a broken link or noise that
+the reader can do nothing with, while the sentence reads the same without it; the sources
+that do exist keep their numbers, so nothing else shifts.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from ragline_gateway.pipeline import Source
 
 # "[3]" or "[1, 2]"; three digits at most, so that "[2024]" in a text is no citation.
 MARKER = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+
+
+_CITATION = re.compile(r"([ \t]*)" + MARKER.pattern)
+# What may still become a marker when more text comes: spaces, "[", digits, commas.
+_PARTIAL = re.compile(r"[ \t]*(?:\[(?:\d{1,3}(?:\s*,\s*\d{1,3})*\s*,?\s*)?)?$")
+
+
+class CitationFilter:
+    """Drops citations of sources that do not exist from an answer streamed in pieces.
+
+    `feed` takes each token's text and returns what may be sent now; a tail that may yet
+    turn into a marker ("[", "[1", " [1," or spaces that would go with a dropped marker)
+    is held back until the next piece decides it, so that a marker split across tokens
+    is handled like a whole one. Only such a tail waits: any other text passes at once.
+    `flush` returns what is held at the end of the answer.
+    """
+
+    def __init__(self, numbers: Iterable[int]) -> None:
+        self.numbers = frozenset(numbers)
+        self._held = ""
+
+    def _rewrite(self, match: re.Match[str]) -> str:
+        cited = [int(part) for part in match.group(2).split(",")]
+        kept = [n for n in cited if n in self.numbers]
+        if len(kept) == len(cited):
+            return match.group(0)
+        if not kept:
+            return ""
+        return f"{match.group(1)}[{', '.join(map(str, kept))}]"
+
+    def feed(self, text: str) -> str:
+        if not self._held and "[" not in text and not text.endswith((" ", "\t")):
+            return text  # the common token: nothing to look at
+        text = _CITATION.sub(self._rewrite, self._held + text)
+        tail = _PARTIAL.search(text)
+        cut = tail.start() if tail else len(text)
+        self._held = text[cut:]
+        return text[:cut]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def drop_unknown_citations(text: str, numbers: Iterable[int]) -> str:
+    """`text` without citations of sources outside `numbers` (a whole answer at once)."""
+    citations = CitationFilter(numbers)
+    return citations.feed(text) + citations.flush()
 
 
 def passage_url(source: Source) -> str:

@@ -7,7 +7,9 @@ SSE or as OpenAI chunks.
 
     1. admit            (admission.py; done by the endpoint before `prepare`)
     2. concurrently     answer-cache lookup + history load + retrieval; a hit ends it here
-    3. rerank           fused candidates → top n, fused order if the reranker fails
+    3. rank             fused candidates → top n (ranking.py: the reranker, or without a
+                        cross-encoder the blend of the retriever's own scores), fused
+                        order if the reranker fails; then the relevance cut-off
     4. sources          sent before the first token
     5. generate         prompt → llm-svc stream, each token relayed at once
     6. finish           cache and history written in the background
@@ -26,7 +28,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
@@ -44,6 +46,7 @@ from ragline_gateway.clients.retriever import RetrieverClient
 from ragline_gateway.feed import QUIET, Feed
 from ragline_gateway.memory import ConversationMemory, Turn
 from ragline_gateway.prompt import SYSTEM_PROMPT, build_messages, fit_history
+from ragline_gateway.ranking import Cutoff, Ranking, blend, resolve
 from ragline_gateway.rewrite import QueryRewriter
 from ragline_gateway.settings import GatewaySettings
 
@@ -73,6 +76,8 @@ class Question:
     tenant: str = "local"
     filters: Filters = field(default_factory=dict)
     top_k: int | None = None
+    # Cut-off rules this request sets (protocol.cutoff_overrides): Cutoff field → value.
+    cutoff: dict[str, float | None] = field(default_factory=dict)
     conversation_id: str | None = None
     # OpenAI clients send the history in `messages`; then memory is not read.
     history: list[Turn] | None = None
@@ -191,10 +196,20 @@ class AnswerPipeline:
             metrics.UPSTREAM_ERRORS.labels("llm").inc()
             raise _generation_unavailable()
 
-        # 3. Rerank the fused candidates; on failure keep the fused order.
+        # 3. Rank the candidates (the reranker, or the blend without a cross-encoder; on a
+        #    reranker failure the fused order), then drop sources far below the top one.
         rerank_start = time.perf_counter()
-        top = await self._rerank(query, found.hits, q.top_k or self.settings.rerank_top_n, degraded)
+        top_n = q.top_k or self.settings.rerank_top_n
+        ranking = await self.ranking()
+        if ranking == "reranker":
+            top, ranking = await self._rerank(query, found.hits, top_n, degraded)
+        elif ranking == "blend":
+            top = blend(found.hits, self.settings.blend_lexical_weight)[:top_n]
+        else:
+            top = [(h, h.score) for h in found.hits[:top_n]]
+        top = self.cutoff(ranking, q.cutoff).apply(top)
         timings["rerank_ms"] = _ms(rerank_start)
+        metrics.STAGE_DURATION.labels("rerank").observe(time.perf_counter() - rerank_start)
         sources = [
             Source(n, h.doc_id, h.chunk_id, h.title, h.url, h.text, round(score, 6))
             for n, (h, score) in enumerate(top, start=1)
@@ -234,10 +249,46 @@ class AnswerPipeline:
                 raise _generation_unavailable() from exc
         return self.llm_model
 
+    async def ranking(self) -> Ranking:
+        """The ranking of step 3 now (ranking.resolve); `auto` asks the reranker what it
+        scores with while that is unknown."""
+        scorer = self.reranker.scorer
+        if self.settings.ranking == "auto" and scorer is None:
+            scorer = await self.reranker.learn_scorer(min(self.settings.rerank_timeout_s, 2.0))
+        return resolve(self.settings.ranking, scorer)
+
+    def cutoff(self, ranking: Ranking, overrides: dict[str, float | None]) -> Cutoff:
+        """The relevance cut-off on `ranking`'s scores: the settings', with a request's
+        overrides. None on the fused order, whose scores are ranks in disguise."""
+        s = self.settings
+        if ranking == "fused":
+            return Cutoff()
+        if ranking == "blend":
+            rules: dict[str, float | None] = {
+                "max_drop": s.blend_max_drop, "min_score": s.blend_min_score
+            }  # fmt: skip
+        else:
+            rules = {"max_drop": s.reranker_max_drop, "min_score": s.reranker_min_score}
+        return Cutoff(**(rules | overrides))
+
+    def ranking_status(self) -> dict[str, Any]:
+        """For /readyz: the ranking in use now, why, and its cut-off."""
+        setting, scorer = self.settings.ranking, self.reranker.scorer
+        in_use = resolve(setting, scorer)
+        cutoff = self.cutoff(in_use, {})
+        return {
+            "in_use": in_use,
+            "setting": setting,
+            "reranker_scorer": scorer,
+            "cutoff": {"max_drop": cutoff.max_drop, "min_score": cutoff.min_score},
+        }
+
     def _cacheable(self, q: Question) -> bool:
         return self.cache is not None and not q.history
 
     def _generation_settings(self, q: Question) -> dict[str, Any]:
+        # The ranking and the cut-off choose the sources, so they are part of the key.
+        ranking = resolve(self.settings.ranking, self.reranker.scorer)
         return {
             "model": self.llm_model,
             "max_tokens": self.settings.max_tokens,
@@ -245,6 +296,9 @@ class AnswerPipeline:
             **{k: v for k, v in q.sampling.items() if v is not None},
             "top_k": q.top_k or self.settings.rerank_top_n,
             "candidates": self.settings.retrieve_candidates,
+            "ranking": ranking,
+            "blend_lexical_weight": self.settings.blend_lexical_weight,
+            "cutoff": asdict(self.cutoff(ranking, q.cutoff)),
             "prompt": PROMPT_VERSION,
         }
 
@@ -314,23 +368,21 @@ class AnswerPipeline:
 
     async def _rerank(
         self, query: str, hits: list[Hit], top_n: int, degraded: list[str]
-    ) -> list[tuple[Hit, float]]:
+    ) -> tuple[list[tuple[Hit, float]], Ranking]:
+        """The reranker's top `top_n`, or on its failure the fused order; and which it is."""
         if not hits:
-            return []
-        start = time.perf_counter()
+            return [], "reranker"
         try:
             ranked = await self.reranker.rerank(
                 query, [h.text for h in hits], min(top_n, len(hits)),
                 timeout=self.settings.rerank_timeout_s,
             )  # fmt: skip
-            return [(hits[i], score) for i, score in ranked]
+            return [(hits[i], score) for i, score in ranked], "reranker"
         except (UpstreamError, KeyError, IndexError, TypeError, ValueError) as exc:
             metrics.UPSTREAM_ERRORS.labels("reranker").inc()
             log.warning("rerank failed, using fused order", extra={"error": str(exc)})
             degraded.append("rerank")
-            return [(h, h.score) for h in hits[:top_n]]
-        finally:
-            metrics.STAGE_DURATION.labels("rerank").observe(time.perf_counter() - start)
+            return [(h, h.score) for h in hits[:top_n]], "fused"
 
     async def _open_generation(
         self, messages: list[dict[str, str]], sampling: dict[str, Any]

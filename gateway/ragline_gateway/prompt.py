@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from ragline_common.passages import Passage, render_sources
+from ragline_common.passages import DONT_KNOW, Passage, render_sources
 from ragline_gateway.memory import Turn
 
+# What a generation model (vLLM) is asked to do with the numbered passages. The extractive
+# engine follows the same rules without reading it: `[n]` after what it quotes, and the
+# same "I don't know" when the passages do not answer. The gateway drops citations of
+# passages that do not exist (citations.CitationFilter), so a miscount never reaches a UI.
 SYSTEM_PROMPT = (
     "You answer questions using only the numbered sources given with each question. "
-    "Cite every statement with the number of its source in square brackets, like [1]. "
-    "If the sources do not contain the answer, say that you could not find it in the documents."
+    "Cite the source of every statement with its number in square brackets right after "
+    "it, like [1], or [1, 2] for two sources; cite only numbers of the sources given, "
+    "never make up a source. "
+    f'If the sources do not contain the answer, reply "{DONT_KNOW}" and nothing else; '
+    "do not answer from your own knowledge."
 )
 
 

@@ -44,6 +44,9 @@ class ChatRequest(EncodableRequest):
     collection: CollectionName | None = None
     filters: Filters = Field(default_factory=dict, max_length=16)
     top_k: int | None = Field(default=None, ge=1)
+    # The relevance cut-off of this answer (CUTOFF_FIELDS below).
+    source_max_drop: float | None = Field(default=None, ge=0)
+    source_min_score: float | None = None
 
 
 class OpenAIMessage(BaseModel):
@@ -112,8 +115,27 @@ class OpenAIChatRequest(EncodableRequest):
     collection: CollectionName | None = None
     filters: Filters = Field(default_factory=dict, max_length=16)
     top_k: int | None = Field(default=None, ge=1)
+    # The relevance cut-off of this answer (CUTOFF_FIELDS below).
+    source_max_drop: float | None = Field(default=None, ge=0)
+    source_min_score: float | None = None
     conversation_id: ConversationId | None = None
     # NVIDIA's RAG server's switch: false sends the conversation straight to the
     # generation model (no retrieval, no sources). Unset: on, unless `model` names the
     # generation model itself.
     use_knowledge_base: StrictBool | None = None
+
+
+# Per-request relevance cut-off (ranking.py), on the score scale of the ranking in use
+# (/readyz says which): sources more than `source_max_drop` below the top one, or scoring
+# under `source_min_score`, are left out; the top source always stays.
+CUTOFF_FIELDS = ("source_max_drop", "source_min_score")
+
+
+def cutoff_overrides(body: ChatRequest | OpenAIChatRequest) -> dict[str, float | None]:
+    """The cut-off rules a request sets, by `Cutoff` field name: a number sets the rule
+    for this answer, `null` turns it off, absent keeps the ranking's default."""
+    return {
+        name.removeprefix("source_"): getattr(body, name)
+        for name in CUTOFF_FIELDS
+        if name in body.model_fields_set
+    }

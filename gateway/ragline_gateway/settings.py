@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from ragline_common.settings import ServiceSettings
+from ragline_gateway.ranking import RankingSetting
+
+
+def _off_is_none(value: Any) -> Any:
+    """`RAGLINE_GATEWAY_BLEND_MAX_DROP=off` (or `none`, or empty) turns a rule off."""
+    if isinstance(value, str) and value.strip().lower() in {"", "off", "none"}:
+        return None
+    return value
+
+
+# A cut-off threshold: a number, or off (None).
+Threshold = Annotated[float | None, BeforeValidator(_off_is_none)]
 
 
 class GatewaySettings(ServiceSettings):
@@ -71,6 +83,23 @@ class GatewaySettings(ServiceSettings):
 
     retrieve_candidates: int = Field(default=50, ge=1, le=200)
     rerank_top_n: int = Field(default=5, ge=1, le=50)
+    # Step 3 (ranking.py): `reranker` (the reranker's scores), `blend` (BM25 and the stored
+    # vectors' cosine from the retriever, no model call), `fused` (the retriever's RRF
+    # order), or `auto`: `blend` while reranker-svc reports it has no cross-encoder, else
+    # `reranker`. /readyz says which is in use.
+    ranking: RankingSetting = "auto"
+    # Blend score = w * BM25 / top BM25 + (1 - w) * cosine; 0.4 measured best on squad-dev.
+    blend_lexical_weight: float = Field(default=0.4, ge=0.0, le=1.0)
+    # Relevance cut-off on the blend score (0..1): of the top `rerank_top_n` sources, one
+    # more than `max_drop` below the top source or under `min_score` is neither shown nor
+    # put in the prompt; the top source always is. `off` turns a rule off. Requests may
+    # override both (`source_max_drop`, `source_min_score`). Curve: docs/benchmarks.md.
+    blend_max_drop: Threshold = Field(default=0.08, ge=0.0)
+    blend_min_score: Threshold = None
+    # The same cut-off on the reranker's scores, whose scale depends on its model: off
+    # until calibrated for the model in use.
+    reranker_max_drop: Threshold = Field(default=None, ge=0.0)
+    reranker_min_score: Threshold = None
     max_question_chars: int = Field(default=4000, ge=1, le=100_000)
     max_top_k: int = Field(default=20, ge=1, le=50)
 

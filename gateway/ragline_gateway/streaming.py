@@ -9,6 +9,12 @@ the first chunk (all of them, for clients that know ragline), `url_citation` ann
 in a chunk after the last token, once the content they point into is complete
 (citations.py), and, for Open WebUI, `source` events before the text (openwebui.py; then
 no annotations). An answer without the knowledge base carries none of them.
+
+An answer from the knowledge base goes through `citations.CitationFilter` on its way out:
+a citation of a source that does not exist ("[7]" of three) never reaches the client, on
+either endpoint, streamed or not, live or from the cache (see citations.py for why it is
+dropped). Text without such a marker is relayed as it comes; only a tail that may still
+become one ("[", "[1", a space before it) waits for the next token.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ragline_common.errors import ApiError
-from ragline_gateway.citations import url_citations
+from ragline_gateway.citations import CitationFilter, drop_unknown_citations, url_citations
 from ragline_gateway.openwebui import source_event
 from ragline_gateway.pipeline import Event, PreparedAnswer
 
@@ -54,13 +60,26 @@ def sse(event: str, data: Any) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
+def _token(text: str) -> bytes:
+    return b"event: token\ndata: " + orjson.dumps({"text": text}) + b"\n\n"
+
+
 async def native_sse(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+    """`/api/chat` (always the knowledge base): the citation filter is set up from the
+    `sources` event, which comes before the first token."""
+    citations: CitationFilter | None = None
     async for name, payload in events:
         if name == "token":
-            yield b"event: token\ndata: " + orjson.dumps({"text": payload}) + b"\n\n"
+            text = citations.feed(payload) if citations is not None else payload
+            if text:
+                yield _token(text)
         elif name == "ping":
             yield PING
         else:
+            if name == "sources":
+                citations = CitationFilter(s["n"] for s in payload["sources"])
+            elif citations is not None and (held := citations.flush()):  # done or error
+                yield _token(held)
             yield sse(name, payload)
 
 
@@ -83,6 +102,9 @@ class OpenAIChunks:
         self._parts: list[str] | None = (
             [] if p.question.knowledge_base and p.sources and not self.source_events else None
         )
+        self.citations = (
+            CitationFilter(s.n for s in p.sources) if p.question.knowledge_base else None
+        )
         self.id = completion_id()
         self.created = int(time.time())
         head = orjson.dumps(
@@ -96,6 +118,13 @@ class OpenAIChunks:
         self._token_prefix = b"data: " + head[:-1] + b',"choices":[{"index":0,"delta":{"content":'
         self._token_suffix = b'},"finish_reason":null}]}\n\n'
 
+    def _token(self, text: str) -> bytes:
+        if self._parts is not None:
+            self._parts.append(text)
+            if len(self._parts) == 64:  # one string, not a string object per token
+                self._parts[:] = ["".join(self._parts)]
+        return self._token_prefix + orjson.dumps(text) + self._token_suffix
+
     def _frame(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": choices, **extra}  # fmt: skip
@@ -104,12 +133,15 @@ class OpenAIChunks:
     async def render(self, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
         async for name, payload in events:
             if name == "token":
-                if self._parts is not None:
-                    self._parts.append(payload)
-                    if len(self._parts) == 64:  # one string, not a string object per token
-                        self._parts[:] = ["".join(self._parts)]
-                yield self._token_prefix + orjson.dumps(payload) + self._token_suffix
-            elif name == "sources":
+                text = self.citations.feed(payload) if self.citations is not None else payload
+                if text:
+                    yield self._token(text)
+                continue
+            if name in ("done", "error") and self.citations is not None:
+                held = self.citations.flush()
+                if held:
+                    yield self._token(held)
+            if name == "sources":
                 delta = {"role": "assistant", "content": ""}
                 extra = (
                     {"sources": payload["sources"], "conversation_id": self.p.conversation_id}
@@ -161,6 +193,8 @@ async def openai_completion(
             # it may retry (OpenAI SDKs do), not a 502 that reads as a broken gateway.
             raise ApiError(503, payload["code"], payload["message"], {"Retry-After": "5"})
     content = "".join(parts)
+    if p.question.knowledge_base:
+        content = drop_unknown_citations(content, (s.n for s in p.sources))
     message: dict[str, Any] = {"role": "assistant", "content": content}
     knowledge: dict[str, Any] = {}
     if p.question.knowledge_base:

@@ -20,7 +20,9 @@ class RerankerSettings(ServiceSettings):
 
     port: int = 8002
     # A cross-encoder checkpoint (hub id or local path). Empty: no cross-encoder weights,
-    # score with the packaged bi-encoder (all-MiniLM-L6-v2) and say so in logs and /readyz.
+    # score with the packaged bi-encoder (all-MiniLM-L6-v2) and say so in logs and /readyz
+    # (`scorer: bi-encoder`), from which the gateway's `auto` ranking learns to rank by the
+    # retriever's own scores instead of calling this service.
     model: str = ""
     # auto: cross-encoder when `model` is set, else bi-encoder.
     scorer: Literal["auto", "cross-encoder", "bi-encoder"] = "auto"

@@ -1,5 +1,10 @@
 """`POST /v1/retrieve`: lexical and dense search side by side, fused by RRF.
 
+Every hit also carries each backend's own score: BM25 where the lexical search found it,
+and its cosine with the query (from the dense search, or for a hit only the lexical
+search found, from its stored vector: one lookup by id, nothing embedded). The gateway
+ranks by them when no cross-encoder is configured (gateway/ragline_gateway/ranking.py).
+
 Each backend runs as its own task under its own timeout; the query embedding is part of
 the dense task, so a model failure degrades dense, not the request. A backend that fails
 or times out is reported in `degraded`; both failing is a 503, because an answer built on
@@ -57,11 +62,42 @@ async def _run(role: Role, work: Awaitable[list[ScoredChunk]], timeout: float) -
     return Outcome("failed", [], _ms(start), error)
 
 
-async def _dense(rt: Runtime, request: RetrieveRequest, depth: int) -> list[ScoredChunk]:
+async def _dense(
+    rt: Runtime, request: RetrieveRequest, depth: int, query_vector: list[list[float]]
+) -> list[ScoredChunk]:
+    """The dense search; the query embedding is left in `query_vector` for `_dense_scores`."""
     if rt.dense is None:
         raise RuntimeError("dense backend is not open")
     vector = await rt.embedder.embed_query(request.query)
+    query_vector.append(vector)
     return await rt.dense.search(request.collection, vector, depth, request.filters)
+
+
+async def _dense_scores(
+    rt: Runtime,
+    collection: str,
+    vector: list[float],
+    found: dict[str, float],
+    chunk_ids: list[str],
+) -> dict[str, float]:
+    """Each hit's cosine with the query: from the dense search where it found the chunk,
+    else looked up from the chunk's stored vector (one query by id, nothing embedded). A
+    failed lookup leaves those hits without a score; the gateway then keeps the fused
+    order, so it costs ranking quality, never the answer."""
+    scores = {c: found[c] for c in chunk_ids if c in found}
+    missing = [c for c in chunk_ids if c not in scores]
+    if not missing or rt.dense is None:
+        return scores
+    try:
+        looked_up = await asyncio.wait_for(
+            rt.dense.similarities(collection, vector, missing), rt.settings.dense_timeout_s
+        )
+    except Exception as exc:
+        log.warning(
+            "dense score lookup failed", extra={"backend": "dense", "error": repr(exc)[:500]}
+        )
+        return scores
+    return scores | looked_up
 
 
 async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
@@ -69,6 +105,7 @@ async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
     start = time.perf_counter()
     lexical_depth = max(settings.lexical_candidates, request.top_k)
     dense_depth = max(settings.dense_candidates, request.top_k)
+    query_vector: list[list[float]] = []
     tasks = {
         "lexical": asyncio.create_task(
             _run(
@@ -80,7 +117,7 @@ async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
             )
         ),
         "dense": asyncio.create_task(
-            _run("dense", _dense(rt, request, dense_depth), settings.dense_timeout_s)
+            _run("dense", _dense(rt, request, dense_depth, query_vector), settings.dense_timeout_s)
         ),
     }
     try:
@@ -112,6 +149,20 @@ async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
         k=settings.rrf_k,
         weights={"lexical": settings.rrf_weight_lexical, "dense": settings.rrf_weight_dense},
     )[: request.top_k]
+    timings: dict[str, float] = {f"{role}_ms": outcomes[role].ms for role in ROLES}
+    timings["fusion_ms"] = _ms(fuse_start)
+    lexical_scores = {s.chunk.chunk_id: s.score for s in outcomes["lexical"].hits}
+    dense_scores: dict[str, float] = {}
+    if "dense" in ok and query_vector:
+        score_start = time.perf_counter()
+        dense_scores = await _dense_scores(
+            rt,
+            request.collection,
+            query_vector[0],
+            {s.chunk.chunk_id: s.score for s in outcomes["dense"].hits},
+            [item.key for item in fused],
+        )
+        timings["dense_scores_ms"] = _ms(score_start)
     hits = []
     for item in fused:
         chunk = chunks[item.key]
@@ -127,9 +178,11 @@ async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
                 metadata=chunk.metadata,
                 score=item.score,
                 ranks=ranks,
+                scores={
+                    "lexical": lexical_scores.get(item.key),
+                    "dense": dense_scores.get(item.key),
+                },
             )
         )
-    timings = {f"{role}_ms": outcomes[role].ms for role in ROLES}
-    timings["fusion_ms"] = _ms(fuse_start)
     timings["total_ms"] = _ms(start)
     return RetrieveResponse(hits=hits, degraded=degraded, timings=timings)

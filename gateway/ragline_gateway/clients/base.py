@@ -17,6 +17,13 @@ from ragline_gateway.metrics import UPSTREAM_UP
 log = logging.getLogger("ragline.upstreams")
 
 
+def json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
 class UpstreamError(Exception):
     """An upstream call failed: unreachable, timed out, or answered with an error status."""
 
@@ -70,8 +77,9 @@ class UpstreamClient:
         UPSTREAM_UP.labels(self.name).set(1)
         while True:
             try:
-                await self.http.get(self.health_path, timeout=timeout)
+                response = await self.http.get(self.health_path, timeout=timeout)
                 misses = 0
+                self.observe_health(response.status_code, json_or_none(response))
             except httpx.HTTPError:
                 misses += 1
             down = misses >= misses_to_down
@@ -84,6 +92,10 @@ class UpstreamClient:
                 else:
                     log.warning("upstream answering again", extra={"upstream": self.name})
             await asyncio.sleep(interval)
+
+    def observe_health(self, status: int, payload: Any) -> None:
+        """A health probe's answer (status, JSON body or None), for clients that learn
+        something from it (the reranker: what it scores with)."""
 
     def check_reachable(self) -> None:
         if self.known_down:

@@ -7,6 +7,11 @@ truncate}` → `[{index, score}]`. Either way the pipeline gets (index, score) p
 first, and any malformed answer becomes an `UpstreamError` (the pipeline then degrades to
 the fused order).
 
+What the reranker scores with is learned from its health answers (`scorer`): reranker-svc's
+/readyz says `cross-encoder` or `bi-encoder` (no trained cross-encoder configured; the
+gateway's `auto` ranking then skips it, ranking.py); any other ready answer (TEI's or
+vLLM's /health) counts as `external`, a real reranker.
+
 Servers cap the documents of one request (TEI's `--max-client-batch-size` defaults to
 32, fewer than the gateway's 50 candidates), so larger lists are split into concurrent
 requests and merged: cross-encoder scores are per pair, so they compare across requests.
@@ -16,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Any, Literal
 
-from ragline_gateway.clients.base import UpstreamClient, UpstreamError
+import httpx
+
+from ragline_gateway.clients.base import UpstreamClient, UpstreamError, json_or_none
 
 RerankApi = Literal["rerank", "tei"]
 
@@ -55,6 +63,28 @@ class RerankerClient(UpstreamClient):
         self.health_path = health_path or ("/health" if api == "tei" else "/readyz")
         if api_key:
             self.http.headers["authorization"] = f"Bearer {api_key}"
+        # What the reranker scores with (module docstring); None until it answers ready.
+        self.scorer: str | None = None
+        self._asked_at = -float("inf")
+
+    def observe_health(self, status: int, payload: Any) -> None:
+        if status != 200:
+            return  # loading or draining: what it will serve is not known from this
+        scorer = payload.get("scorer") if isinstance(payload, dict) else None
+        self.scorer = scorer if isinstance(scorer, str) and scorer else "external"
+
+    async def learn_scorer(self, timeout: float, every_s: float = 5.0) -> str | None:
+        """`scorer`, asking the health path when it is not known yet (at most once per
+        `every_s`: with the health watch on, the watch has usually told it already)."""
+        now = time.monotonic()
+        if self.scorer is None and not self.known_down and now - self._asked_at >= every_s:
+            self._asked_at = now
+            try:
+                response = await self.http.get(self.health_path, timeout=timeout)
+            except httpx.HTTPError:
+                return None
+            self.observe_health(response.status_code, json_or_none(response))
+        return self.scorer
 
     @classmethod
     def from_settings(cls, settings: Any, pool_size: int) -> RerankerClient:

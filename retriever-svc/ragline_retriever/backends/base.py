@@ -9,6 +9,10 @@ Semantics shared by all backends (the contract suite checks them):
 - `delete_document` returns how many chunks it removed (0 for an unknown document).
 - `chunk_ids` returns every chunk id stored in a collection (for `verify`, which compares
   stores), fast enough for 100k chunks.
+- `similarities(collection, vector, chunk_ids)` (dense only) returns the cosine
+  similarity of `vector` and each given chunk's stored vector, by chunk id, without a
+  search: how the retriever scores the hits only the lexical search found. Chunks it
+  does not hold are left out.
 - Filters follow `ragline_common.wire` (equality, membership, numeric and date ranges,
   typed comparisons); `filter_clauses` turns them into the two shapes backends translate.
   A document without the key never matches.
@@ -261,6 +265,9 @@ class DenseIndex(Protocol):
         limit: int,
         filters: Filters | None = None,
     ) -> list[ScoredChunk]: ...
+    async def similarities(
+        self, collection: str, vector: Sequence[float], chunk_ids: Sequence[str]
+    ) -> dict[str, float]: ...
     async def list_collections(self) -> dict[str, int]: ...
     async def chunk_ids(self, collection: str) -> set[str]: ...
     async def close(self) -> None: ...

@@ -117,6 +117,13 @@ def filter_expression(filters: Filters | None) -> str | None:
     return " and ".join(clauses)
 
 
+def _cosines(matrix: np.ndarray, vector: Sequence[float]) -> list[float]:
+    """Cosine similarity of each row of `matrix` and `vector` (0 for a zero vector)."""
+    query = np.asarray(vector, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1) * (np.linalg.norm(query) or 1.0)
+    return [float(s) for s in (matrix @ query) / np.where(norms == 0, 1.0, norms)]
+
+
 class MilvusIndex:
     name = "milvus"
 
@@ -343,11 +350,38 @@ class MilvusIndex:
         if not rows:
             return []
         matrix = np.asarray([row["vector"] for row in rows], dtype=np.float32)
-        query = np.asarray(vector, dtype=np.float32)
-        norms = np.linalg.norm(matrix, axis=1) * (np.linalg.norm(query) or 1.0)
-        scores = (matrix @ query) / np.where(norms == 0, 1.0, norms)
+        scores = np.asarray(_cosines(matrix, vector))
         best = np.argsort(-scores, kind="stable")[:limit]
         return [ScoredChunk(Chunk.from_payload(rows[i]), float(scores[i])) for i in best]
+
+    async def similarities(
+        self, collection: str, vector: Sequence[float], chunk_ids: Sequence[str]
+    ) -> dict[str, float]:
+        if not chunk_ids:
+            return {}
+        return await self._run(self._similarities, collection, list(vector), list(chunk_ids))
+
+    def _similarities(
+        self, collection: str, vector: list[float], chunk_ids: list[str]
+    ) -> dict[str, float]:
+        """Cosine of `vector` and the stored vectors of `chunk_ids`: one primary-key query
+        (about 1 ms for 50 ids on Milvus Lite), no search, nothing embedded."""
+        physical = self._require(collection)
+        wanted = list(dict.fromkeys(chunk_ids))
+        try:
+            rows = self.client.query(
+                physical,
+                filter=f"chunk_id in [{', '.join(_literal(c) for c in wanted)}]",
+                output_fields=["chunk_id", "vector"],
+                limit=len(wanted),
+            )
+        except MilvusException as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        if not rows:
+            return {}
+        matrix = np.asarray([row["vector"] for row in rows], dtype=np.float32)
+        ids = [str(row["chunk_id"]) for row in rows]
+        return dict(zip(ids, _cosines(matrix, vector), strict=True))
 
     async def list_collections(self) -> dict[str, int]:
         return await self._run(self._list)
