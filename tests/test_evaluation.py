@@ -580,6 +580,24 @@ def test_an_uncited_answer_and_a_fragment_are_not_evidence() -> None:
     assert score_answer("They came from Norway and Denmark.", [], {}, [PASSAGE_1]).from_gold
 
 
+def test_first_sentence_from_gold_and_heading_marks() -> None:
+    from ragline_cli.answers import score_answer
+
+    second = score_answer(
+        "Rollo was tall. [2] They came from Norway and Denmark. [1]", SOURCES, {"gold": 1},
+        [PASSAGE_1],
+    )  # fmt: skip
+    assert second.from_gold and not second.first_from_gold and not second.heading_marks
+    first = score_answer(
+        "They came from Norway and Denmark. [1]", SOURCES, {"gold": 1}, [PASSAGE_1]
+    )
+    assert first.first_from_gold
+    glued = score_answer("## History They came from Norway. [1]", SOURCES, {"gold": 1}, [PASSAGE_1])
+    assert glued.heading_marks
+    # A hash that is no heading mark (an issue number, C#) is not counted.
+    assert not score_answer("See #42 and C# code. [1]", SOURCES, {}, []).heading_marks
+
+
 def test_summary_shares_citation_precision_and_ttft() -> None:
     from ragline_cli.answers import KEYS, AnswerScore, summarize
 
@@ -611,6 +629,7 @@ def test_summary_shares_citation_precision_and_ttft() -> None:
     assert report["citation_precision"] == pytest.approx(5 / 6)
     assert report["uncited_answers"] == 0.25
     assert report["answers_from_gold"] == 0.75
+    assert (report["first_sentence_from_gold"], report["heading_marks"]) == (0.0, 0.0)
     assert report["ttft_p50_ms"] == 200.0
     assert report["ttft_p95_ms"] == pytest.approx(290.0)
     assert (report["questions"], report["answered"], report["errors"]) == (5, 4, 1)

@@ -55,6 +55,9 @@ _STRIP_MARKER = re.compile(r"\s*" + MARKER.pattern)
 # An answer sentence shorter than this (a fragment such as "U.S.") is no evidence that the
 # answer comes from the gold passage: such a string is found in many passages.
 MIN_GOLD_WORDS = 3
+# A Markdown heading mark glued into an answer ("... text ## Serving ..."), as a chunk's
+# heading leaks into an extractive quote.
+_HEADING_MARK = re.compile(r"(?:^|\s)#{1,6}\s")
 # The JSON keys, in report order, and what each is (the text report's second column).
 KEYS = {
     "top_source_hit": "the first source is a relevant document",
@@ -63,6 +66,8 @@ KEYS = {
     "citation_precision": "citations whose sentence is in the cited passage",
     "uncited_answers": "answers without any [n]",
     "answers_from_gold": "answers with a sentence found in a relevant passage",
+    "first_sentence_from_gold": "answers whose first sentence is in a relevant passage",
+    "heading_marks": 'answers holding a Markdown heading mark ("## ")',
     "ttft_p50_ms": "time to first token, client side, p50",
     "ttft_p95_ms": "time to first token, client side, p95",
     "server_ttft_p50_ms": "the gateway's own done.timings.ttft_ms, p50",
@@ -131,6 +136,8 @@ class AnswerScore:
     supported_citations: int
     cited: bool
     from_gold: bool
+    first_from_gold: bool = False
+    heading_marks: bool = False
     ttft_ms: float | None = None
     server_ttft_ms: float | None = None
     cached: bool = False
@@ -160,9 +167,11 @@ def score_answer(
             citations += 1
             if sentence.text and sentence.text in passages.get(n, ""):
                 supported += 1
-    from_gold = any(
-        len(s.text.split()) >= MIN_GOLD_WORDS and any(s.text in g for g in gold) for s in sentences
-    )
+
+    def in_gold(s: Sentence) -> bool:
+        return len(s.text.split()) >= MIN_GOLD_WORDS and any(s.text in g for g in gold)
+
+    quoted = [s for s in sentences if s.text]
     return AnswerScore(
         sources=len(ordered),
         relevant_sources=sum(shown),
@@ -170,7 +179,9 @@ def score_answer(
         citations=citations,
         supported_citations=supported,
         cited=MARKER.search(answer) is not None,
-        from_gold=from_gold,
+        from_gold=any(in_gold(s) for s in quoted),
+        first_from_gold=bool(quoted) and in_gold(quoted[0]),
+        heading_marks=_HEADING_MARK.search(answer) is not None,
     )
 
 
@@ -202,6 +213,8 @@ def summarize(scores: Sequence[AnswerScore], questions: int, errors: int) -> dic
         ),
         "uncited_answers": uncited,
         "answers_from_gold": share("from_gold"),
+        "first_sentence_from_gold": share("first_from_gold"),
+        "heading_marks": share("heading_marks"),
         "ttft_p50_ms": percentile(ttft, 50) if ttft else None,
         "ttft_p95_ms": percentile(ttft, 95) if ttft else None,
         "server_ttft_p50_ms": percentile(server, 50) if server else None,
@@ -231,7 +244,7 @@ def render_text(report: Mapping[str, Any], header: str) -> str:
             shown = str(value)
         else:
             shown = f"{value:.1f}" if key.endswith("_ms") else f"{value:.3f}"
-        lines.append(f"  {key:<20} {shown:>9}   {meaning}")
+        lines.append(f"  {key:<24} {shown:>9}   {meaning}")
     return "\n".join(lines)
 
 
