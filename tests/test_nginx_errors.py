@@ -9,7 +9,8 @@ renders it (`ragline_cli.processes.nginx`), in front of a gateway that is not th
   cut from 3600 s to 1 s so the test need not wait an hour).
 
 On every API path (/api, /v1, /healthz, /readyz) each is a 503 `gateway_unavailable`
-envelope with `Retry-After` and nginx's request id; malformed requests are a JSON 400,
+envelope with `Retry-After`, nginx's request id and the gateway's security headers
+(nginx_helpers.assert_envelope); malformed requests are a JSON 400,
 `/metrics` and unknown bare API paths a JSON 404. The web page keeps its HTML. A small
 echo server stands in for the gateway where what nginx forwards is checked (the Host with
 its port, the bare `/api/collections` proxied rather than redirected, the gateway's own
@@ -29,12 +30,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ragline_cli.processes import ManagedProcess, free_port, nginx, nginx_binary
-from ragline_cli.stack import REPO_ROOT
+from ragline_cli.processes import free_port
 
+from nginx_helpers import assert_envelope, raw_exchange, running_nginx
 from service_helpers import raw_get
-
-READY_TIMEOUT_S = 30
 
 API_REQUESTS = [
     ("GET", "/healthz", None),
@@ -115,33 +114,12 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 
 @contextmanager
 def _nginx(tmp_path: Path, gateway_port: int, read_timeout_s: int | None = None) -> Iterator[str]:
-    if nginx_binary() is None:
-        pytest.fail("nginx not installed: run `make test` (it installs it)")
-    port = free_port()
-    prefix = tmp_path / f"nginx-{port}"
-    proc: ManagedProcess = nginx(port, f"127.0.0.1:{gateway_port}", prefix, REPO_ROOT / "web")
+    """The stack's nginx; the read timeout cut from 3600 s where a test waits for it."""
+    replace = None
     if read_timeout_s is not None:
-        conf = prefix / "nginx.conf"
-        text = conf.read_text()
-        assert "proxy_read_timeout 3600s;" in text
-        conf.write_text(
-            text.replace("proxy_read_timeout 3600s;", f"proxy_read_timeout {read_timeout_s}s;")
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def listening() -> bool:  # /healthz needs the gateway: the web page does not
-        try:
-            return httpx.get(f"{url}/", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    proc.ready = listening
-    proc.start()
-    try:
-        proc.wait_ready(READY_TIMEOUT_S)
-        yield url
-    finally:
-        proc.stop()
+        replace = {"proxy_read_timeout 3600s;": f"proxy_read_timeout {read_timeout_s}s;"}
+    with running_nginx(tmp_path, gateway_port, replace) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")
@@ -187,34 +165,6 @@ def echo(module_tmp: Path) -> Iterator[str]:
         thread.join(5)
 
 
-def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[str, str]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].split(";")[0] == "application/json"
-    error = response.json()["error"]
-    assert set(error) == {"code", "message", "request_id"}
-    assert error["code"] == code
-    assert error["message"]
-    assert error["request_id"] and error["request_id"] == response.headers["x-request-id"]
-    return error
-
-
-def _raw(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send bytes as they are (no client normalises the path) and read the response."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
-
-
 @pytest.mark.parametrize(("method", "path", "body"), API_REQUESTS)
 def test_an_unreachable_gateway_is_a_json_503_with_retry_after(
     unreachable: str, method: str, path: str, body: object
@@ -252,12 +202,8 @@ def test_the_web_page_is_served_while_the_gateway_is_away(unreachable: str) -> N
 )
 def test_a_dot_dot_segment_is_a_json_400(no_gateway: str, path: str) -> None:
     response = raw_get(no_gateway, path, {"x-request-id": "traversal-1"})
-    assert response.status_code == 400, response.text
-    assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert error["code"] == "bad_request" and error["message"]
+    error = assert_envelope(response, 400, "bad_request")
     # nginx refuses a path above the root before it reads the headers: then its own id.
-    assert error["request_id"] == response.headers["x-request-id"]
     if not path.startswith("/api/..%2F..%2F"):
         assert error["request_id"] == "traversal-1"
 
@@ -278,11 +224,7 @@ def test_dots_inside_a_name_are_no_traversal(no_gateway: str) -> None:
     ids=["request_line", "header", "bad_percent"],
 )
 def test_a_malformed_request_is_a_json_400(no_gateway: str, request_bytes: bytes) -> None:
-    status, headers, body = _raw(no_gateway, request_bytes)
-    assert status == 400, body
-    assert headers["content-type"] == "application/json"
-    error = httpx.Response(400, content=body).json()["error"]
-    assert error["code"] == "bad_request" and error["request_id"] == headers["x-request-id"]
+    assert_envelope(raw_exchange(no_gateway, request_bytes), 400, "bad_request")
 
 
 def test_a_uri_too_long_is_a_json_414(no_gateway: str) -> None:

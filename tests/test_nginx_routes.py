@@ -9,12 +9,16 @@ JSON 404 envelope.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 import httpx
 import pytest
 
+from ragline_cli.stack import Stack
+
+from nginx_helpers import logged_request_ids
 from sse_client import read_events
 
 COLLECTION = "nginx_routes"
@@ -189,6 +193,26 @@ def test_models(client: httpx.Client) -> None:
     ids = {m["id"] for m in body["data"]}
     assert {"ragline", "default"} <= ids
     assert all(m["object"] == "model" for m in body["data"])
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("route-id.1:a", True), ('a"},"request_id":"forged', False), ("x" * 129, False)],
+    ids=["kept", "json", "long"],
+)
+def test_one_request_id_in_nginx_the_gateway_and_the_logs(
+    client: httpx.Client, stack: Stack, sent: str, kept: bool
+) -> None:
+    """A crafted id is replaced by nginx, and the gateway keeps nginx's: the body, the
+    header and nginx's access log name the same id."""
+    path = f"/api/jobs/{'0' * 31}{int(kept)}?{len(sent)}"
+    response = call(client, "GET", path, headers={"x-request-id": sent})
+    body = json_of(response, 404)
+    request_id = response.headers["x-request-id"]
+    assert body["error"]["request_id"] == request_id
+    assert (request_id == sent) == kept and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", request_id)
+    log = stack.config.run_dir / "nginx" / "access.log"
+    assert logged_request_ids(log, f"GET {path} HTTP/1.1")[-1:] == [request_id]
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
