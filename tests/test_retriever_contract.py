@@ -1,22 +1,41 @@
-"""One contract for every index backend: the embedded ones always, the production ones
-(Elasticsearch, a remote Milvus) wherever `RAGLINE_TEST_ES_URL` / `RAGLINE_TEST_MILVUS_URI`
-name a server. Dense tests use small fixed vectors, so no model is loaded."""
+"""One contract for every index backend: the embedded ones always, Elasticsearch wherever
+`RAGLINE_TEST_ES_URL` names a server, and a real Milvus server: the one
+`RAGLINE_TEST_MILVUS_URI` names, else a Milvus 2.3.5 standalone that the `milvus_server_uri`
+fixture starts for the session (tests/milvus_server.py; skipped, with how to install it,
+where scripts/milvus-server.sh has not run). Each test on the server works under a prefix
+of its own and drops every collection under it when it ends. Dense tests use small fixed
+vectors, so no model is loaded."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from milvus_server import milvus_server_uri  # noqa: F401
 from pydantic import TypeAdapter, ValidationError
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import MilvusException
 
 from ragline_common.wire import Filters
-from ragline_retriever.backends.base import Chunk, CollectionNotFound, DenseIndex, LexicalIndex
+from ragline_retriever.backends.base import (
+    BackendUnavailable,
+    Chunk,
+    CollectionNotFound,
+    DenseIndex,
+    LexicalIndex,
+)
+from ragline_retriever.backends.milvus_index import (
+    CollectionUnusable,
+    MilvusIndex,
+    scalar_index_type,
+)
 
 DIM = 4
 # Each doc: (doc_id, text, source, metadata, vector)
@@ -67,18 +86,30 @@ def lexical_factory_for(kind: str, tmp_path: Path) -> Factory:
     return lambda: ElasticsearchIndex(url, prefix=prefix)
 
 
-def dense_factory_for(kind: str, tmp_path: Path) -> Factory:
-    from ragline_retriever.backends.milvus_index import MilvusIndex
+def drop_prefixed(uri: str, prefix: str) -> None:
+    """Drops every collection on the server whose name starts with `prefix`."""
+    client = MilvusClient(uri=uri)
+    try:
+        for name in client.list_collections():
+            if name.startswith(prefix):
+                client.drop_collection(name)
+    finally:
+        client.close()
 
+
+def dense_target(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(uri, collection prefix) for a dense backend; on a server, the prefix is the test's
+    own and its collections are dropped when the test ends."""
     if kind == "milvus-lite":
-        uri = str(tmp_path / "milvus.db")
-        return lambda: MilvusIndex(uri, dim=DIM)
-    uri = os.environ.get("RAGLINE_TEST_MILVUS_URI")
-    if not uri:
-        reason = "RAGLINE_TEST_MILVUS_URI is not set: no Milvus server to run the contract on"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
+        return str(tmp_path / "milvus.db"), "ragline_"
+    uri = request.getfixturevalue("milvus_server_uri")
     prefix = unique("ragline_test") + "_"
+    request.addfinalizer(lambda: drop_prefixed(uri, prefix))
+    return uri, prefix
+
+
+def dense_factory_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Factory:
+    uri, prefix = dense_target(kind, tmp_path, request)
     return lambda: MilvusIndex(uri, dim=DIM, prefix=prefix)
 
 
@@ -137,10 +168,13 @@ class Role:
 BACKENDS = [f"lexical:{k}" for k in LEXICAL_KINDS] + [f"dense:{k}" for k in DENSE_KINDS]
 
 
-def runner_for(backend: str, tmp_path: Path) -> Callable[..., None]:
+def runner_for(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[..., None]:
     """Runs a scenario against one backend; every call opens it afresh on the same data."""
     role, kind = backend.split(":")
-    factory = (lexical_factory_for if role == "lexical" else dense_factory_for)(kind, tmp_path)
+    if role == "lexical":
+        factory = lexical_factory_for(kind, tmp_path)
+    else:
+        factory = dense_factory_for(kind, tmp_path, request)
 
     def make(scenario: Callable[[Role], Awaitable[None]]) -> None:
         run(factory, lambda index: scenario(Role(index, role == "dense")))
@@ -150,7 +184,7 @@ def runner_for(backend: str, tmp_path: Path) -> Callable[..., None]:
 
 @pytest.fixture(params=BACKENDS)
 def role_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., None]:
-    return runner_for(request.param, tmp_path)
+    return runner_for(request.param, tmp_path, request)
 
 
 def test_protocols_are_implemented(role_factory: Any) -> None:
@@ -396,7 +430,9 @@ def test_equality_is_typed(role_factory: Any) -> None:
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if "elasticsearch" not in b])
-def test_a_key_of_mixed_types_never_crosses_types(backend: str, tmp_path: Path) -> None:
+def test_a_key_of_mixed_types_never_crosses_types(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Where a key may hold values of several types (not Elasticsearch: there a second type
     is a `MetadataConflict`, see test_elasticsearch_backend), each matches only its own."""
     values: dict[str, Any] = {"int": 1, "float": 1.0, "str": "1", "bool": True, "strue": "true"}
@@ -412,7 +448,7 @@ def test_a_key_of_mixed_types_never_crosses_types(backend: str, tmp_path: Path) 
         assert await role.ids(name, {"v": "true"}) == {"strue"}
         assert await role.ids(name, {"v": {"gte": 0.5, "lte": 1}}) == {"int", "float"}
 
-    runner_for(backend, tmp_path)(scenario)
+    runner_for(backend, tmp_path, request)(scenario)
 
 
 def test_chunk_ids(role_factory: Any) -> None:
@@ -435,7 +471,9 @@ def test_chunk_ids(role_factory: Any) -> None:
 
 
 @pytest.mark.parametrize("kind", DENSE_KINDS)
-def test_dense_similarities_score_stored_vectors(kind: str, tmp_path: Path) -> None:
+def test_dense_similarities_score_stored_vectors(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """The cosine of a query vector and chunks' stored vectors, by id, with no search:
     how the retriever scores the hits that only the lexical search found."""
     query = [1.0, 0.05, 0.0, 0.0]
@@ -461,7 +499,148 @@ def test_dense_similarities_score_stored_vectors(kind: str, tmp_path: Path) -> N
         with pytest.raises(CollectionNotFound):
             await index.similarities(unique("missing"), query, ["apple#0"])
 
-    run(dense_factory_for(kind, tmp_path), scenario)
+    run(dense_factory_for(kind, tmp_path, request), scenario)
+
+
+# --- Milvus: the server's version, and collections made half or wrong --------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("milvus_lite-3.2.2", "INVERTED"),  # what Milvus Lite reports
+        ("v2.3.5-lite", "Trie"),  # PyPI `milvus` 2.3.5, the server the tests start
+        ("v2.3.21", "Trie"),
+        ("v2.4.0", "INVERTED"),
+        ("v2.6.11", "INVERTED"),  # deploy/k8s/dependencies/milvus.yaml
+        ("2.5.4", "INVERTED"),
+        ("v3.0.0-beta", "INVERTED"),
+        ("v2.2.16", None),
+        ("a build of our own", None),
+        ("", None),
+    ],
+)
+def test_scalar_index_follows_the_server_version(version: str, expected: str | None) -> None:
+    assert scalar_index_type(version) == expected
+
+
+async def indexes_of(index: MilvusIndex, collection: str) -> dict[str, str]:
+    """Field name -> index type of the collection's indexes, through the index's client."""
+    found = await index._run(index._indexes, index._physical(collection))
+    return {field: str(described["index_type"]) for field, described in found.items()}
+
+
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_dense_collection_gets_the_indexes_its_server_builds(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async def scenario(index: MilvusIndex) -> None:
+        assert index.server_version.startswith("milvus_lite") == (kind == "milvus-lite")
+        assert index.lite == (kind == "milvus-lite")
+        name = unique("i")
+        await index.ensure_collection(name)
+        expected = {"vector": "HNSW"}
+        if index.scalar_index:
+            expected["doc_id"] = index.scalar_index
+        assert await indexes_of(index, name) == expected
+        if kind == "milvus-lite" or not os.environ.get("RAGLINE_TEST_MILVUS_URI"):
+            # The servers these tests run themselves: Lite 3.2.2, Milvus 2.3.5.
+            assert index.scalar_index == ("INVERTED" if kind == "milvus-lite" else "Trie")
+
+    run(dense_factory_for(kind, tmp_path, request), scenario)
+
+
+@pytest.mark.parametrize("failing", ["vector", "doc_id"])
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_dense_collection_interrupted_between_steps_is_repaired(
+    kind: str, failing: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Creation fails between its steps (here: building one of the indexes, twice): the
+    collection is not used half-made, and the next ensure_collection repairs it."""
+    name = unique("h")
+
+    async def scenario(index: MilvusIndex) -> None:
+        assert index._client is not None
+        client = index._client
+        real = client.create_index
+        failures = [2]
+
+        def create_index(collection_name: str, index_params: Any, **kwargs: Any) -> None:
+            if failures[0] and failing in [p.field_name for p in index_params]:
+                failures[0] -= 1
+                raise MilvusException(message=f"injected: the {failing} index failed")
+            real(collection_name, index_params, **kwargs)
+
+        client.create_index = create_index  # type: ignore[method-assign]
+        with pytest.raises(BackendUnavailable, match="injected"):
+            await index.ensure_collection(name)
+        assert failing not in await indexes_of(index, name)
+        assert await index._run(index.client.has_collection, index._physical(name))
+        # Half-made, it is repaired before any use, or refused while that fails.
+        with pytest.raises(BackendUnavailable, match="injected"):
+            await index.search(name, [1.0, 0.0, 0.0, 0.0], 3)
+        await index.ensure_collection(name)
+        assert set(await indexes_of(index, name)) == {"vector", "doc_id"}
+        chunks, vectors = corpus()
+        await index.upsert(name, chunks, vectors)
+        hits = await index.search(name, [1.0, 0.05, 0.0, 0.0], 2, {"doc_id": ["apple", "durian"]})
+        assert [h.chunk.doc_id for h in hits] == ["apple", "durian"]
+
+    async def reopened(index: MilvusIndex) -> None:  # and a fresh process finds it whole
+        assert await index.list_collections() == {name: len(DOCS)}
+
+    factory = dense_factory_for(kind, tmp_path, request)
+    run(factory, scenario)
+    run(factory, reopened)
+
+
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_dense_collection_of_another_schema_is_refused(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A collection made for another embedding model (another dimension), by an older
+    ragline (fields missing) or by hand (another metric) is refused with what is wrong, at
+    every use."""
+    uri, prefix = dense_target(kind, tmp_path, request)
+    other_dim, old_schema, l2, good = unique("d"), unique("o"), unique("l"), unique("g")
+
+    async def make(index: MilvusIndex) -> None:
+        await index.ensure_collection(other_dim)
+        await index.upsert(other_dim, corpus()[0][:1], [[1.0] * 8])
+        schema = index.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("chunk_id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=64)
+        schema.add_field("metadata", DataType.JSON)
+        await index._run(
+            lambda: index.client.create_collection(index._physical(old_schema), schema=schema)
+        )
+
+    async def check(index: MilvusIndex) -> None:
+        params = index.client.prepare_index_params()
+        params.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+        await index._run(
+            lambda: index.client.create_collection(
+                index._physical(l2), schema=index._schema(), index_params=params
+            )
+        )
+        await index.ensure_collection(good)  # the others do not stop this one
+        for name, message in (
+            (other_dim, "its vectors have 8 dimensions where the embedding model gives 4"),
+            (old_schema, "it lacks the field(s) text, title, url, source, position"),
+            (l2, "its vector index measures L2, not COSINE"),
+        ):
+            with pytest.raises(CollectionUnusable, match=re.escape(message)) as refused:
+                await index.ensure_collection(name)
+            assert "Drop it and ingest its documents again" in str(refused.value)
+            with pytest.raises(CollectionUnusable, match=re.escape(message)):
+                await index.search(name, [1.0, 0.0, 0.0, 0.0], 3)
+            with pytest.raises(CollectionUnusable):
+                await index.upsert(name, corpus()[0][:1], corpus()[1][:1])
+        assert await index.list_collections() == {good: 0}  # the unusable ones left out
+
+    run(lambda: MilvusIndex(uri, dim=8, prefix=prefix), make)
+    run(lambda: MilvusIndex(uri, dim=DIM, prefix=prefix), check)
 
 
 # --- the filter wire format that every backend above implements -------------------------

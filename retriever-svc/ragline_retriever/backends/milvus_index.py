@@ -2,16 +2,26 @@
 
 Milvus Lite is one process per data directory and its client is not meant for concurrent
 use, so every call goes through one single-thread executor: calls are serialized and the
-event loop never blocks. Rows are flushed after each write (unflushed rows are scanned in
-Python, ~15x slower to search) and collections are loaded on open, as a reopened Lite file
-needs. Filter values are written into the expression as JSON literals, because Milvus Lite
-rejects expression templates; keys come from the validated filter field pattern.
+event loop never blocks. On Milvus Lite rows are flushed after each write (unflushed rows
+are scanned in Python, ~15x slower to search); a server seals segments itself (a flush
+costs it ~3 s, and frequent flushes leave it many tiny segments). On a server, searches
+read at Bounded consistency, and at Strong for a while after this process wrote to the
+collection (`_STRONG_READS_S`), so a search sees the ingest or delete before it. Filter
+values are written into the expression as JSON literals, because Milvus Lite rejects
+expression templates; keys come from the validated filter field pattern.
 
 Milvus compares JSON values loosely (`metadata["k"] == 1` matches true, `>= 0` matches
 false), so numbers, booleans and ranges read the hidden JSON fields (`metadata_numbers`,
-`metadata_booleans`, `metadata_dates`), each holding one kind of value. A collection
-created before those fields existed fails every call with a clear `BackendUnavailable`
-(re-create it) instead of an obscure Milvus error.
+`metadata_booleans`, `metadata_dates`), each holding one kind of value.
+
+A collection is made in steps (create, vector index, `doc_id` index, load), any of which
+can fail or be interrupted, so a collection is checked each time it is opened: a missing
+index is created and the collection then loaded; a schema that does not fit (a field
+missing or of another type, vectors of another dimension, an index of another metric,
+say a collection made by an older ragline or for another embedding model) is refused
+with `CollectionUnusable`, naming what is wrong. A collection is never used half-made.
+The `doc_id` index follows the server's version (`scalar_index_type`): INVERTED on Milvus
+2.4+ and Milvus Lite, Trie on 2.3, none on anything older or unrecognised.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -74,6 +86,56 @@ _MAX_LEN = {
     "url": 8192,
     "source": 4096,
 }
+# The schema this backend writes, but for the vector's dimension (the embedding model's).
+_SCALAR_FIELDS: dict[str, DataType] = {
+    "chunk_id": DataType.VARCHAR,
+    "doc_id": DataType.VARCHAR,
+    "text": DataType.VARCHAR,
+    "title": DataType.VARCHAR,
+    "url": DataType.VARCHAR,
+    "source": DataType.VARCHAR,
+    "position": DataType.INT64,
+    "metadata": DataType.JSON,
+    **dict.fromkeys(HIDDEN_FIELDS, DataType.JSON),
+}
+_METRIC = "COSINE"
+# On a server, reads are Bounded (they see every write older than the server's
+# common.gracefulTime, 5 s by default, whoever made it; ~2 ms) but Strong for this long
+# after this process wrote to the collection: a Strong read waits for the newest write to
+# be served (one proxy time tick, 200 ms by default), and pymilvus' Session level misses
+# deletes on Milvus 2.3. So an ingest or delete is seen by the next search at once.
+_STRONG_READS_S = 10.0
+# (uri, collection) -> monotonic time of this process's last write to it (any MilvusIndex).
+_WRITTEN: dict[tuple[str, str], float] = {}
+_VECTOR_INDEX: dict[str, Any] = {
+    "index_type": "HNSW",
+    "metric_type": _METRIC,
+    "params": {"M": 16, "efConstruction": 200},
+}
+
+
+class CollectionUnusable(BackendUnavailable):
+    """A collection exists but does not fit this retriever (its schema or index): it is
+    not used, and it stays so until an operator drops it. An outage to the write journal,
+    so the writes that meet it wait instead of being lost."""
+
+
+def scalar_index_type(version: str) -> str | None:
+    """The index type for `doc_id` that a Milvus of `version` (as `get_server_version()`
+    reports it) builds: INVERTED from 2.4 on and on Milvus Lite (`milvus_lite-3.2.2`),
+    Trie on 2.3 (`v2.3.5`; it has no INVERTED), None (no index: filters on `doc_id` scan)
+    on older or unrecognised versions."""
+    if version.startswith("milvus_lite"):
+        return "INVERTED"
+    found = re.match(r"v?(\d+)\.(\d+)", version.strip())
+    if not found:
+        return None
+    release = (int(found[1]), int(found[2]))
+    if release >= (2, 4):
+        return "INVERTED"
+    if release == (2, 3):
+        return "Trie"
+    return None
 
 
 def _literal(value: MetadataValue) -> str:
@@ -138,6 +200,10 @@ class MilvusIndex:
         self._client: MilvusClient | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="milvus")
         self._loaded: set[str] = set()
+        # What the server said at open (`get_server_version()`), and what follows from it.
+        self.server_version = ""
+        self.scalar_index: str | None = None
+        self.lite = False
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -171,28 +237,97 @@ class MilvusIndex:
         self._loaded.clear()
         self._client = client
         try:
+            self.server_version = str(client.get_server_version())
+            self.lite = self.server_version.startswith("milvus_lite")
+            self.scalar_index = scalar_index_type(self.server_version)
+            log.log(
+                logging.INFO if self.scalar_index else logging.WARNING,
+                "milvus %s at %s: doc_id index %s",
+                self.server_version,
+                self.uri,
+                self.scalar_index or "none (a version before 2.3, or one not recognised)",
+            )
             for physical in client.list_collections():
                 if physical.startswith(self.prefix):
                     try:
                         self._load(physical)
                     except BackendUnavailable as exc:
-                        # One stale collection must not stop the service; using it says why.
+                        # One bad collection must not stop the service; using it says why.
                         log.warning("%s", exc)
         except Exception:
             self._client = None  # reconnect on next use
             raise
 
-    def _load(self, physical: str) -> None:
+    def _schema_problems(self, physical: str) -> list[str]:
+        """What in the collection's schema differs from what this backend writes."""
+        fields = {f["name"]: f for f in self.client.describe_collection(physical)["fields"]}
+        problems = []
+        expected = {**_SCALAR_FIELDS, "vector": DataType.FLOAT_VECTOR}
+        missing = [name for name in expected if name not in fields]
+        if missing:
+            problems.append(f"it lacks the field(s) {', '.join(missing)}")
+        extra = [name for name in fields if name not in expected]
+        if extra:
+            problems.append(f"it has field(s) this retriever does not write: {', '.join(extra)}")
+        for name, kind in expected.items():
+            field = fields.get(name)
+            if field is not None and field["type"] != kind:
+                problems.append(f"{name} is {field['type'].name}, not {kind.name}")
+        if "chunk_id" in fields and not fields["chunk_id"].get("is_primary"):
+            problems.append("chunk_id is not its primary key")
+        vector = fields.get("vector")
+        if vector is not None and vector["type"] == DataType.FLOAT_VECTOR:
+            dim = int(vector.get("params", {}).get("dim", 0))
+            if dim != self.dim:
+                problems.append(
+                    f"its vectors have {dim} dimensions where the embedding model gives {self.dim}"
+                )
+        return problems
+
+    def _indexes(self, physical: str) -> dict[str, dict[str, Any]]:
+        """The collection's indexes by field name."""
+        found = {}
+        for name in self.client.list_indexes(physical):
+            described = self.client.describe_index(physical, name)
+            if described:
+                found[str(described.get("field_name", name))] = described
+        return found
+
+    def _create_index(self, physical: str, field: str, wait: bool) -> None:
+        """`wait`: until the index is built (pymilvus polls every 0.5 s); a new, empty
+        collection has nothing to build."""
+        params = self.client.prepare_index_params()
+        if field == "vector":
+            params.add_index(field_name="vector", **_VECTOR_INDEX)
+        else:
+            params.add_index(field_name=field, index_type=self.scalar_index)
+        self.client.create_index(physical, params, sync=wait)
+
+    def _load(self, physical: str, fresh: bool = False) -> None:
+        """Check the collection, create the indexes it lacks, load it; or refuse it.
+        `fresh`: just created, so the indexes are not a repair."""
         if physical in self._loaded:
             return
-        fields = {f["name"] for f in self.client.describe_collection(physical)["fields"]}
-        missing = [name for name in HIDDEN_FIELDS if name not in fields]
-        if missing:
-            raise BackendUnavailable(
-                f"milvus collection {physical!r} was created by an older ragline (it lacks "
-                f"{', '.join(missing)}): drop it and ingest it again"
-            )
-        self.client.load_collection(physical)
+        try:
+            problems = self._schema_problems(physical)
+            indexes = self._indexes(physical) if not problems else {}
+            metric = str(indexes.get("vector", {}).get("metric_type") or _METRIC).upper()
+            if metric != _METRIC:
+                problems.append(f"its vector index measures {metric}, not {_METRIC}")
+            if problems:
+                raise CollectionUnusable(
+                    f"milvus collection {physical!r} does not fit this retriever: "
+                    f"{'; '.join(problems)}. Drop it and ingest its documents again "
+                    "(or point MILVUS_COLLECTION_PREFIX elsewhere)"
+                )
+            wanted = ["vector", *(["doc_id"] if self.scalar_index else [])]
+            for field in [f for f in wanted if f not in indexes]:
+                if not fresh:  # an interrupted creation, or a server that now has doc_id's
+                    log.warning("milvus collection %r lacks its %s index", physical, field)
+                self._create_index(physical, field, wait=not fresh)
+            self.client.load_collection(physical)
+        except MilvusException as exc:
+            raise BackendUnavailable(f"milvus collection {physical!r}: {exc}") from exc
         self._loaded.add(physical)
 
     async def healthy(self) -> bool:
@@ -205,31 +340,50 @@ class MilvusIndex:
     async def ensure_collection(self, collection: str) -> None:
         await self._run(self._ensure, self._physical(collection))
 
-    def _ensure(self, physical: str) -> None:
-        if self.client.has_collection(physical):
-            self._load(physical)
-            return
+    def _schema(self) -> Any:
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(
             "chunk_id", DataType.VARCHAR, is_primary=True, max_length=_MAX_LEN["chunk_id"]
         )
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-        for name in ("doc_id", "text", "title", "url", "source"):
-            schema.add_field(name, DataType.VARCHAR, max_length=_MAX_LEN[name])
-        schema.add_field("position", DataType.INT64)
-        schema.add_field("metadata", DataType.JSON)
-        for name in HIDDEN_FIELDS:
-            schema.add_field(name, DataType.JSON)
-        index = self.client.prepare_index_params()
-        index.add_index(
-            field_name="vector",
-            index_type="HNSW",
-            metric_type="COSINE",
-            params={"M": 16, "efConstruction": 200},
-        )
-        index.add_index(field_name="doc_id", index_type="INVERTED")
-        self.client.create_collection(physical, schema=schema, index_params=index)
-        self._load(physical)
+        for name, kind in _SCALAR_FIELDS.items():
+            if name == "chunk_id":
+                continue
+            if kind == DataType.VARCHAR:
+                schema.add_field(name, kind, max_length=_MAX_LEN[name])
+            else:
+                schema.add_field(name, kind)
+        return schema
+
+    def _ensure(self, physical: str) -> None:
+        """Create the collection where it is missing, then check, repair and load it
+        (`_load`). Each step is a call of its own, so a failure between two leaves a
+        collection that the next call repairs."""
+        if not self.client.has_collection(physical):
+            self._loaded.discard(physical)  # dropped behind our back: made anew
+            try:
+                self.client.create_collection(
+                    physical, schema=self._schema(), consistency_level="Strong"
+                )
+            except MilvusException as exc:
+                raise BackendUnavailable(f"milvus collection {physical!r}: {exc}") from exc
+            self._load(physical, fresh=True)
+        else:
+            self._load(physical)
+
+    def _reads(self, physical: str) -> dict[str, Any]:
+        """The consistency level of a search or query (see _STRONG_READS_S)."""
+        if self.lite:
+            return {}  # always current
+        written = _WRITTEN.get((self.uri, physical))
+        recent = written is not None and time.monotonic() - written < _STRONG_READS_S
+        return {"consistency_level": "Strong" if recent else "Bounded"}
+
+    def _wrote(self, physical: str) -> None:
+        if self.lite:
+            self.client.flush(physical)
+        else:
+            _WRITTEN[(self.uri, physical)] = time.monotonic()
 
     def _require(self, collection: str) -> str:
         physical = self._physical(collection)
@@ -273,13 +427,15 @@ class MilvusIndex:
             keep = ", ".join(_literal(c.chunk_id) for c in chunks)
             docs = ", ".join(_literal(d) for d in doc_ids)
             self.client.delete(physical, filter=f"doc_id in [{docs}] and chunk_id not in [{keep}]")
-        self.client.flush(physical)
+        self._wrote(physical)
 
     async def delete_document(self, collection: str, doc_id: str) -> int:
         return await self._run(self._delete, collection, doc_id)
 
     def _count(self, physical: str, expression: str) -> int:
-        rows = self.client.query(physical, filter=expression, output_fields=["count(*)"])
+        rows = self.client.query(
+            physical, filter=expression, output_fields=["count(*)"], **self._reads(physical)
+        )
         return int(rows[0]["count(*)"]) if rows else 0
 
     def _delete(self, collection: str, doc_id: str) -> int:
@@ -288,7 +444,7 @@ class MilvusIndex:
         found = self._count(physical, expression)
         if found:
             self.client.delete(physical, filter=expression)
-            self.client.flush(physical)
+            self._wrote(physical)
         return found
 
     async def search(
@@ -314,7 +470,8 @@ class MilvusIndex:
                 filter=expression,
                 limit=limit,
                 output_fields=_OUTPUT_FIELDS,
-                search_params={"metric_type": "COSINE", "params": {"ef": max(64, limit)}},
+                search_params={"metric_type": _METRIC, "params": {"ef": max(64, limit)}},
+                **self._reads(physical),
             )
         except MilvusException as exc:
             raise BackendUnavailable(str(exc)) from exc
@@ -342,6 +499,7 @@ class MilvusIndex:
                 filter=expression,
                 output_fields=[*_OUTPUT_FIELDS, "vector"],
                 limit=_EXACT_ROWS + 1,
+                **self._reads(physical),
             )
         except MilvusException as exc:
             raise BackendUnavailable(str(exc)) from exc
@@ -374,6 +532,7 @@ class MilvusIndex:
                 filter=f"chunk_id in [{', '.join(_literal(c) for c in wanted)}]",
                 output_fields=["chunk_id", "vector"],
                 limit=len(wanted),
+                **self._reads(physical),
             )
         except MilvusException as exc:
             raise BackendUnavailable(str(exc)) from exc
