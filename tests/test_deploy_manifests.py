@@ -13,6 +13,8 @@ they are skipped by kind, explicitly (CRD_KINDS), and checked by tests/test_obse
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -43,6 +45,11 @@ K8S_VERSION = "1.37.0"
 CRD_KINDS = frozenset({"ServiceMonitor", "PodMonitor", "PrometheusRule"})
 
 SERVICES = {"gateway": 8000, "retriever": 8001, "reranker": 8002, "llm": 8003}
+# /metrics on a port of its own (METRICS_PORT), the only one Prometheus may reach.
+METRICS_PORTS = {"gateway": 9000, "retriever": 9001, "reranker": 9002, "llm": 9003}
+# The operator-made Secret of the internal hops (docs/deploying.md): the service token of
+# every service, Redis' password.
+INTERNAL_SECRET = "ragline-internal"
 INTERNAL = ("retriever", "reranker", "llm")
 MODEL_SERVICES = ("retriever", "reranker", "llm")  # load weights before listening
 WORKLOADS = (*SERVICES, "web")  # ragline's own pods
@@ -324,15 +331,24 @@ def test_services_and_metrics_follow_the_observability_conventions(
     for name, port in SERVICES.items():
         svc = get(objects, "Service", name)
         assert name_label(svc) == name
-        assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("http", port)]
+        metrics_port = METRICS_PORTS[name]
+        assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
+            ("http", port, "http"),
+            ("metrics", metrics_port, "metrics"),
+        ]
         w = workload(objects, name)
         pod_labels = w["spec"]["template"]["metadata"]["labels"]
         assert _selects(svc["spec"]["selector"], pod_labels)
         c = pod_spec(w)["containers"][0]
-        assert {"name": "http", "containerPort": port, "protocol": "TCP"} in c["ports"]
+        assert c["ports"][0] == {"name": "http", "containerPort": port, "protocol": "TCP"}
+        metrics = {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}
+        assert metrics in c["ports"]
+        # The service serves /metrics on that port (and no longer on `http`).
+        env = config_of(objects, w)
+        assert env[f"RAGLINE_{name.upper()}_METRICS_PORT"] == str(metrics_port), name
         annotations = w["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
-        assert annotations["prometheus.io/port"] == str(port)
+        assert annotations["prometheus.io/port"] == str(metrics_port)
         assert annotations["prometheus.io/path"] == "/metrics"
         # One Service per name label: a second (e.g. headless) would be scraped twice.
         assert [s for s in by_kind(objects, "Service") if name_label(s) == name] == [svc]
@@ -472,7 +488,9 @@ def test_only_the_gateway_reaches_the_internal_services(
         assert _pod_peer("gateway") in peers, name
         assert all(peer in (_pod_peer("gateway"), monitoring) for peer in peers), (name, peers)
         for rule in rules:
-            assert rule["ports"] == [{"port": "http"}], name
+            # The gateway reaches the API port; Prometheus only the metrics port.
+            expected = "metrics" if rule["peers"] == [monitoring] else "http"
+            assert rule["ports"] == [{"port": expected}], (name, rule)
     # ... and the gateway may reach them.
     gateway_labels = workload(objects, "gateway")["spec"]["template"]["metadata"]["labels"]
     egress = _peers(_policies_for(objects, gateway_labels), "egress")
@@ -500,7 +518,46 @@ def test_prometheus_may_scrape_every_service(objects: tuple[dict[str, Any], ...]
     for name in SERVICES:
         labels = workload(objects, name)["spec"]["template"]["metadata"]["labels"]
         rules = _peers(_policies_for(objects, labels), "ingress")
-        assert {"peers": [monitoring], "ports": [{"port": "http"}]} in rules, name
+        assert {"peers": [monitoring], "ports": [{"port": "metrics"}]} in rules, name
+
+
+def test_monitoring_reaches_only_metrics_ports(objects: tuple[dict[str, Any], ...]) -> None:
+    """Every rule that admits the monitoring namespace names the `metrics` port alone: the
+    API ports stay closed to it (a rule without ports would open every port)."""
+    monitoring = _namespace_peer(MONITORING_NAMESPACE)
+    found = 0
+    for policy in by_kind(objects, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress") or []:
+            peers = rule.get("from") or []
+            ns = monitoring["namespaceSelector"]
+            if any(p.get("namespaceSelector") == ns for p in peers):
+                found += 1
+                assert peers == [monitoring], policy["metadata"]["name"]
+                assert rule.get("ports") == [{"port": "metrics"}], policy["metadata"]["name"]
+    assert found >= len(SERVICES)
+
+
+def test_redis_egress_reaches_only_the_redis_pods(objects: tuple[dict[str, Any], ...]) -> None:
+    redis_rules = [
+        rule
+        for policy in by_kind(objects, "NetworkPolicy")
+        for rule in policy["spec"].get("egress") or []
+        if any(p.get("port") in (6379, "redis") for p in rule.get("ports") or [])
+    ]
+    assert redis_rules, "no egress rule for Redis"
+    for rule in redis_rules:
+        peers = rule.get("to")
+        assert peers, "a Redis egress rule open to every address"
+        for peer in peers:
+            assert peer.get("podSelector", {}).get("matchLabels"), peer
+            # Pods of this namespace unless a namespaceSelector narrows it elsewhere.
+            assert "ipBlock" not in peer, peer
+    gateway_labels = workload(objects, "gateway")["spec"]["template"]["metadata"]["labels"]
+    egress = _peers(_policies_for(objects, gateway_labels), "egress")
+    assert {"peers": [_pod_peer("redis")], "ports": [{"port": 6379}]} in egress
+    # ... and the try-it Redis' pods carry that label.
+    redis_labels = workload(objects, "redis")["spec"]["template"]["metadata"]["labels"]
+    assert _selects(_pod_peer("redis")["podSelector"], redis_labels)
 
 
 def test_every_pod_may_resolve_names(objects: tuple[dict[str, Any], ...]) -> None:
@@ -575,6 +632,83 @@ def test_no_secret_is_shipped_only_referenced(objects: tuple[dict[str, Any], ...
     # Mounted as a folder (no subPath): an updated Secret reaches the running pods.
     assert all("subPath" not in m for m in pod_spec(gateway)["containers"][0]["volumeMounts"])
     assert config_of(objects, gateway).get("RAGLINE_GATEWAY_ALLOW_ANONYMOUS", "false") == "false"
+
+
+def _env_var(container: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [v for v in container.get("env", []) if v["name"] == name]
+    assert len(found) == 1, f"{container['name']}: {len(found)} env entries {name}"
+    return found[0]
+
+
+def _secret_ref(container: dict[str, Any], name: str) -> tuple[str, str]:
+    """(Secret, key) an env var comes from; it must be a required secretKeyRef."""
+    ref = _env_var(container, name).get("valueFrom", {}).get("secretKeyRef")
+    assert ref, f"{container['name']}: {name} is not from a Secret"
+    assert not ref.get("optional", False), f"{container['name']}: {name} is optional"
+    return ref["name"], ref["key"]
+
+
+def test_every_ragline_container_gets_the_service_token_from_the_secret(
+    objects: tuple[dict[str, Any], ...],
+) -> None:
+    seen = set()
+    for w in workloads(objects):
+        for c in containers(w):
+            if not c["image"].startswith("ragline/"):
+                continue
+            name = w["metadata"]["name"]
+            seen.add(name)
+            var = f"RAGLINE_{name.upper()}_SERVICE_TOKEN"
+            assert _secret_ref(c, var) == (INTERNAL_SECRET, "service-token"), name
+    assert seen == set(SERVICES)
+
+
+def test_redis_requires_the_password_the_gateway_sends(
+    objects: tuple[dict[str, Any], ...],
+) -> None:
+    redis = pod_spec(workload(objects, "redis"))["containers"][0]
+    args = redis.get("command", []) + redis.get("args", [])
+    assert "--requirepass" in args
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert _secret_ref(redis, "REDIS_PASSWORD") == (INTERNAL_SECRET, "redis-password")
+    # The readiness probe's redis-cli authenticates too.
+    assert _secret_ref(redis, "REDISCLI_AUTH") == (INTERNAL_SECRET, "redis-password")
+    assert "redis-cli" in redis["readinessProbe"]["exec"]["command"]
+
+    gateway = pod_spec(workload(objects, "gateway"))["containers"][0]
+    assert _secret_ref(gateway, "REDIS_PASSWORD") == (INTERNAL_SECRET, "redis-password")
+    names = [v["name"] for v in gateway["env"]]
+    url = _env_var(gateway, "RAGLINE_GATEWAY_REDIS_URL")["value"]
+    assert url.startswith("redis://:$(REDIS_PASSWORD)@redis:6379/"), url
+    # $(VAR) expands only from variables defined before it.
+    assert names.index("REDIS_PASSWORD") < names.index("RAGLINE_GATEWAY_REDIS_URL")
+    # Not also set by the ConfigMap, where a change would be silently overridden.
+    cms = [s["configMapRef"]["name"] for s in gateway["envFrom"] if "configMapRef" in s]
+    for cm in cms:
+        assert "RAGLINE_GATEWAY_REDIS_URL" not in get(objects, "ConfigMap", cm)["data"]
+
+
+def test_service_monitor_scrapes_the_metrics_ports(objects: tuple[dict[str, Any], ...]) -> None:
+    monitor = get(objects, "ServiceMonitor", "ragline")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    for name in SERVICES:
+        ports = {p["name"] for p in get(objects, "Service", name)["spec"]["ports"]}
+        assert "metrics" in ports, name
+
+
+def test_the_gateway_behind_the_ingress_is_locked_down(
+    objects: tuple[dict[str, Any], ...],
+) -> None:
+    """Forwarded client addresses believed only from the proxy network; no API docs."""
+    env = config_of(objects, workload(objects, "gateway"))
+    proxies = json.loads(env["RAGLINE_GATEWAY_TRUSTED_PROXIES"])
+    assert proxies, "no trusted proxies"
+    for entry in proxies:
+        network = ipaddress.ip_network(entry)  # a network, host bits clear
+        assert network.prefixlen > 0, "trusting every address"
+        assert not network.is_loopback, "loopback: ingress-nginx is another pod"
+    assert env["RAGLINE_GATEWAY_OPENAPI_DOCS"] == "false"
 
 
 # --- images and the web chat --------------------------------------------------------------

@@ -85,6 +85,10 @@ def fuzz_gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iter
         default_collection=COLLECTION,
         cors_origins='["https://chat.example.com"]',
         max_tokens="8",
+        # With keys /openapi.json is off unless asked for; the coverage phase's cases
+        # without a key must not have the fuzzer's own address throttled.
+        openapi_docs="true",
+        auth_failure_limit="0",
     )
     with running_service("gateway-fuzz", "ragline_gateway", env, tmp / "logs", 180) as svc:
         fuzzed = Fuzzed(svc, keys["fuzz-admin"])

@@ -269,6 +269,8 @@ def container_env(spec: Spec, ports: dict[str, int], redis_port: int) -> dict[st
     prefix = SERVICES[spec.service][1]
     env = dict(spec.env)
     env[f"{prefix}_PORT"] = str(ports[spec.service])
+    if f"{prefix}_METRICS_PORT" in env:  # a port of its own in the pod; any free one here
+        env[f"{prefix}_METRICS_PORT"] = str(free_port())
     if spec.service == "gateway":
         for upstream in ("retriever", "reranker", "llm"):
             env[f"{prefix}_{upstream.upper()}_URL"] = f"http://127.0.0.1:{ports[upstream]}"

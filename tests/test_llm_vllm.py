@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -26,7 +25,7 @@ import orjson
 import pytest
 from tokenizers import Tokenizer
 
-from ragline_cli.stack import REPO_ROOT, Stack
+from ragline_cli.stack import Stack
 from ragline_common.passages import DONT_KNOW, Passage
 from ragline_common.wire import ChatMessage, ResponseFormat
 from ragline_gateway.prompt import build_messages
@@ -52,8 +51,8 @@ from service_helpers import (
 )
 from sse_client import read_events
 from tiny_models import BOS, EOS, LLAMA_CHAT_TEMPLATE
+from vllm_helpers import VLLM_PYTHON, tiny_llama_fixture  # noqa: F401
 
-VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 MODEL_NAME = "tiny-llama"
 MAX_MODEL_LEN = 4096
 MAX_CONCURRENCY = 2
@@ -218,18 +217,6 @@ def poll(check: Any, within: float, what: str) -> float:
         if time.monotonic() - began > within:
             raise AssertionError(f"{what}: not within {within:.0f}s")
     return time.monotonic() - began
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Built by the venv that loads it, so the files match its `transformers`."""
-    out = tmp_path_factory.mktemp("tiny-llama")
-    script = Path(__file__).with_name("tiny_models.py")
-    done = subprocess.run(
-        [str(VLLM_PYTHON), str(script), str(out)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="module")

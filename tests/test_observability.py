@@ -248,7 +248,8 @@ def test_service_monitor_selects_the_four_services() -> None:
     ]
     # `job` = the Service's app.kubernetes.io/name: what the rules and dashboards select.
     assert spec["jobLabel"] == "app.kubernetes.io/name"
-    assert [(e["port"], e["path"]) for e in spec["endpoints"]] == [("http", "/metrics")]
+    # The port that serves /metrics alone (METRICS_PORT; docs/deploying.md).
+    assert [(e["port"], e["path"]) for e in spec["endpoints"]] == [("metrics", "/metrics")]
 
 
 def test_kustomization_builds_the_monitor_rules_and_dashboards() -> None:

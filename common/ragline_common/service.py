@@ -1,9 +1,11 @@
 """How every ragline service is assembled and served, so the four stay alike.
 
 `create_app` adds the error envelope, the request-id middleware, `/healthz` and the
-Prometheus `/metrics` endpoint; each service adds its own routes and `/readyz`.
+Prometheus `/metrics` endpoint (and, given a service token, the check of internal
+callers: ragline_common.service_token); each service adds its own routes and `/readyz`.
 `serve` runs uvicorn with uvloop and httptools, with a drain phase before its graceful
-shutdown (see `DrainingServer`).
+shutdown (see `DrainingServer`), and moves `/metrics` to a port of its own when
+`METRICS_PORT` is set (see `MetricsServer`).
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
+from pydantic import SecretStr
+from starlette.routing import BaseRoute
 from uvicorn.config import STARTUP_FAILURE
 
 from ragline_common.errors import error_response, install_error_handlers
 from ragline_common.logs import configure_logging
 from ragline_common.middleware import InternalErrorMiddleware, RequestContextMiddleware
 from ragline_common.responses import JsonResponse
+from ragline_common.service_token import ServiceTokenMiddleware, service_tokens
 from ragline_common.settings import ServiceSettings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -33,7 +39,15 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 log = logging.getLogger("ragline.service")
 
 
-def create_app(title: str, lifespan: Lifespan | None = None) -> FastAPI:
+METRICS_PATH = "/metrics"
+
+
+def create_app(
+    title: str, lifespan: Lifespan | None = None, *, service_token: SecretStr | str = ""
+) -> FastAPI:
+    """`service_token` (the internal services' SERVICE_TOKEN setting; never the gateway's,
+    whose public API has its API keys): when set, every request but /healthz and /readyz
+    must carry it (ragline_common.service_token)."""
     # No trailing-slash redirects: behind nginx the redirect's absolute URL can name the
     # wrong host or port, and an API client should be told the path is wrong (404), not
     # be sent somewhere else.
@@ -44,10 +58,15 @@ def create_app(title: str, lifespan: Lifespan | None = None) -> FastAPI:
     app.state.draining = False
     install_error_handlers(app)
     app.add_middleware(InternalErrorMiddleware)  # added first: the innermost
+    tokens = service_tokens(service_token)
+    if tokens:
+        # Inside the request-id middleware (its 401 carries the request id) and the
+        # instrumentator (refusals are counted), outside everything that reads a body.
+        app.add_middleware(ServiceTokenMiddleware, tokens=tokens)
     Instrumentator(
         should_group_status_codes=False,
         should_exclude_streaming_duration=True,
-        excluded_handlers=["/metrics", "/healthz", "/readyz"],
+        excluded_handlers=[METRICS_PATH, "/healthz", "/readyz"],
     ).instrument(app).expose(app, include_in_schema=False)
     app.add_middleware(RequestContextMiddleware)
 
@@ -89,6 +108,15 @@ class DrainingServer(uvicorn.Server):
         self.signalled = False
         self.drain_until: float | None = None
         self.drain_logged = False
+        # /metrics on a port of its own (METRICS_PORT), served alongside; None: on ours.
+        self.metrics: MetricsServer | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Metrics first: they answer while the lifespan loads models (the pod is up, not
+        # ready), and a taken metrics port stops the start before anything loads.
+        if self.metrics is not None:
+            await self.metrics.start()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: only set flags here; `on_tick`, on the loop, acts on them.
@@ -145,6 +173,9 @@ class DrainingServer(uvicorn.Server):
         finally:
             if deadline is not None:
                 deadline.cancel()
+            # Scrapes go on through the drain and grace: closed last.
+            if self.metrics is not None:
+                await self.metrics.stop()
         log.info(
             "shut down",
             extra={
@@ -156,20 +187,82 @@ class DrainingServer(uvicorn.Server):
         )
 
 
-def serve(app: FastAPI, *, service: str, settings: ServiceSettings) -> None:
+def split_metrics(app: FastAPI) -> FastAPI:
+    """Takes `/metrics` off `app` (its port answers 404 there from now on) and returns an
+    app that serves only that route, the same handler (the same registry and exposition)."""
+    found: list[BaseRoute] = [
+        r for r in app.router.routes if getattr(r, "path", None) == METRICS_PATH
+    ]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one {METRICS_PATH} route, found {len(found)}")
+    app.router.routes.remove(found[0])
+    metrics_app = FastAPI(
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=JsonResponse,
+        redirect_slashes=False,
+    )
+    install_error_handlers(metrics_app)
+    metrics_app.router.routes.append(found[0])
+    return metrics_app
+
+
+class MetricsServer:
+    """`/metrics` on a port of its own (METRICS_PORT): a second uvicorn server in the
+    service's own event loop, started and stopped by `DrainingServer`.
+
+    In the same loop, not a thread: a service whose loop is stuck stops answering scrapes
+    as it would on its main port, which is what the target-down alert relies on
+    (docs/observing.md). Only metrics are reachable on that port, so a network policy can
+    open it to Prometheus without opening the API (and without the service token)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            http="httptools",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=1,
+        )
+        self.server = uvicorn.Server(config)
+
+    async def start(self) -> None:
+        """Listens; a port that cannot be bound ends the process (uvicorn logs why)."""
+        config = self.server.config
+        config.load()
+        self.server.lifespan = config.lifespan_class(config)
+        await self.server.startup()
+
+    async def stop(self) -> None:
+        if self.server.started:
+            await self.server.shutdown()
+
+
+def serve(app: FastAPI, *, service: str, settings: ServiceSettings, **options: Any) -> None:
+    """`options`: uvicorn.Config settings over these (the gateway's: an HTTP protocol that
+    bounds request heads, and the proxies whose X-Forwarded-For it believes)."""
     configure_logging(service, settings.log_level)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
+        **{
+            "host": settings.host,
+            "port": settings.port,
+            "loop": "uvloop",
+            "http": "httptools",
+            "log_config": None,
+            "log_level": settings.log_level,
+            "access_log": False,
+            "timeout_graceful_shutdown": settings.shutdown_grace_s,
+            **options,
+        },
     )
     server = DrainingServer(config, app, settings.shutdown_drain_s)
+    if settings.metrics_port:
+        server.metrics = MetricsServer(split_metrics(app), settings.host, settings.metrics_port)
     try:
         server.run()
     except KeyboardInterrupt:  # a forced exit by Ctrl-C re-raises SIGINT

@@ -3,6 +3,7 @@
 from ragline_common.logs import configure_logging
 from ragline_common.service import serve
 from ragline_gateway.app import build_app
+from ragline_gateway.hardening import HeaderLimitedProtocol
 from ragline_gateway.settings import GatewaySettings
 
 
@@ -13,7 +14,18 @@ def main() -> None:
         app = build_app(settings)
     except ValueError as exc:  # no keys, or a keys file that does not validate
         raise SystemExit(f"gateway not started: {exc}") from None
-    serve(app, service="gateway", settings=settings)
+    # uvicorn's HTTP protocol with bounded request heads (431 past the limits).
+    protocol = HeaderLimitedProtocol.configured(
+        settings.max_header_bytes, settings.max_header_count
+    )
+    # X-Forwarded-For names the client only when the peer is a trusted proxy (auth.py).
+    serve(
+        app,
+        service="gateway",
+        settings=settings,
+        http=protocol,
+        forwarded_allow_ips=settings.trusted_proxies,
+    )
 
 
 if __name__ == "__main__":

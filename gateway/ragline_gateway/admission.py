@@ -1,7 +1,11 @@
 """Step 1 of the pipeline: who is asking, and whether they may have one more answer now.
 
 Order of the checks, cheapest and least unfair first:
-1. the API key (401), its scope and collection (403): no Redis involved;
+0. a client with too many failed authentications lately (429 + Retry-After, in memory,
+   per client address: auth.FailedAuthThrottle), whatever key it sends now;
+1. the API key (401), then the key's calls per minute (429 + Retry-After, Redis: every
+   authenticated call counts, reads such as `GET /v1/models` and `/api/jobs` too, so no
+   route is unlimited; limits.py), then its scope and collection (403);
 2. draining (503): a replica shutting down takes no new streams;
 3. this replica's bound on in-flight streams (503 + Retry-After at once, never an
    unbounded queue): checked before the per-key limits so that a request we refuse for
@@ -18,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ragline_common.errors import ApiError
 from ragline_common.logs import tenant_var
-from ragline_gateway.auth import Authenticator, Caller, Scope
+from ragline_gateway.auth import Authenticator, Caller, FailedAuthThrottle, Scope
 from ragline_gateway.limits import Lease, Limiter
 from ragline_gateway.metrics import ACTIVE_STREAMS
 
@@ -43,17 +47,48 @@ class Ticket:
 
 class Admission:
     def __init__(
-        self, auth: Authenticator, limiter: Limiter, max_inflight: int, app_state: Any
+        self,
+        auth: Authenticator,
+        limiter: Limiter,
+        max_inflight: int,
+        app_state: Any,
+        *,
+        throttle: FailedAuthThrottle | None = None,
+        call_rate_multiplier: int = 0,
     ) -> None:
         self.auth = auth
         self.limiter = limiter
         self.max_inflight = max_inflight
         self.inflight = 0
         self.app_state = app_state  # `draining` is set there on SIGTERM (ragline_common.service)
+        self.throttle = throttle or FailedAuthThrottle(0, 60.0)
+        self.call_rate_multiplier = call_rate_multiplier
 
-    def caller(self, request: Request, scope: Scope) -> Caller:
-        caller = self.auth.authenticate(request.headers.get("authorization"))
+    @staticmethod
+    def client(request: Request) -> str:
+        """The client's address: the peer, or the one a trusted proxy names in
+        X-Forwarded-For (uvicorn resolves it with the TRUSTED_PROXIES setting; auth.py),
+        cut to the length of an IPv6 address: whatever it is, it is a key in memory."""
+        return request.client.host[:45] if request.client else "unknown"
+
+    def authenticate(self, request: Request) -> Caller:
+        """The key's caller, or 401; a client that failed too often lately gets 429."""
+        if self.auth.anonymous is not None:
+            return self.auth.anonymous
+        client = self.client(request)
+        self.throttle.check(client)
+        try:
+            return self.auth.authenticate(request.headers.get("authorization"))
+        except ApiError:
+            self.throttle.failed(client)
+            raise
+
+    async def caller(self, request: Request, scope: Scope) -> Caller:
+        caller = self.authenticate(request)
         tenant_var.set(caller.tenant)
+        await self.limiter.acquire_call(
+            caller, caller.requests_per_minute * self.call_rate_multiplier
+        )
         caller.require(scope)
         return caller
 
@@ -92,14 +127,14 @@ async def chat_caller(
 ) -> Caller:
     """A dependency, so that a request without a key gets 401 before its body is judged."""
     admission: Admission = request.app.state.admission
-    return admission.caller(request, "chat")
+    return await admission.caller(request, "chat")
 
 
 async def admin_caller(
     request: Request, _: HTTPAuthorizationCredentials | None = Security(_bearer)
 ) -> Caller:
     admission: Admission = request.app.state.admission
-    caller = admission.caller(request, "admin")
+    caller = await admission.caller(request, "admin")
     await admission.admit_request(caller)
     return caller
 
@@ -107,9 +142,9 @@ async def admin_caller(
 async def admin_reader(
     request: Request, _: HTTPAuthorizationCredentials | None = Security(_bearer)
 ) -> Caller:
-    """An admin read that costs nothing (a job's progress, the job and collection lists):
-    not charged to the key's requests per minute, or a client polling its own ingest
-    would use up the rate its questions need (`ragline ingest` of 2,000 documents had the
-    same key's chat at 429 within 20 s)."""
+    """A cheap admin read (a job's progress, the job and collection lists): charged only
+    to the key's calls per minute, not to its requests per minute, or a client polling
+    its own ingest would use up the rate its questions need (`ragline ingest` of 2,000
+    documents had the same key's chat at 429 within 20 s)."""
     admission: Admission = request.app.state.admission
-    return admission.caller(request, "admin")
+    return await admission.caller(request, "admin")

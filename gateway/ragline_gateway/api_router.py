@@ -31,7 +31,8 @@ log = logging.getLogger("ragline.api")
 
 
 def _valid(pattern: str, value: str) -> bool:
-    return re.match(pattern, value) is not None
+    """The whole value matches: `re.match` with `$` would accept a trailing newline."""
+    return re.fullmatch(pattern, value) is not None
 
 
 DEFAULT_MODEL = "ragline"
@@ -77,11 +78,13 @@ async def chat(
 ) -> Response:
     settings, pipeline, admission = _state(request)
     _check_question(settings, body.message, body.top_k)
+    collection = caller.collection(body.collection)
     q = Question(
         text=body.message,
-        collection=caller.collection(body.collection),
+        collection=collection,
         endpoint="api_chat",
         tenant=caller.tenant,
+        memory_scope=caller.conversation_scope(collection),
         filters=body.filters,
         top_k=body.top_k,
         cutoff=cutoff_overrides(body),
@@ -151,11 +154,13 @@ async def _openai_question(
     conversation_id = body.conversation_id or request.headers.get("x-openwebui-chat-id") or None
     if conversation_id is not None and not _valid(DOC_ID_PATTERN, conversation_id):
         raise ApiError(422, "invalid_request", "the chat id header is not a valid conversation id")
+    collection = caller.collection(asked)
     return Question(
         text=question,
-        collection=caller.collection(asked),
+        collection=collection,
         endpoint="openai",
         tenant=caller.tenant,
+        memory_scope=caller.conversation_scope(collection),
         filters=body.filters,
         top_k=body.top_k,
         cutoff=cutoff_overrides(body),

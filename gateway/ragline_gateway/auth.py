@@ -16,14 +16,30 @@ or let everybody in.
 A collection belongs to one tenant: the file is refused when two tenants' keys could reach
 the same collection name, so "a key reaches only its tenant's collections" holds by
 construction and does not depend on every request being well-formed.
+
+A keys source that is configured but holds no key stops the gateway from starting, even
+with `allow_anonymous`: an emptied Secret must not turn into an open, all-admin gateway.
+Anonymous mode is only for a gateway given no keys source at all.
+
+Failed authentication is throttled per client address (`FailedAuthThrottle`): the TCP
+peer, or, when the peer is a trusted proxy (`trusted_proxies`), the client its
+`X-Forwarded-For` names: uvicorn's proxy-headers middleware (given `trusted_proxies` as
+`forwarded_allow_ips` by `python -m ragline_gateway`) reads the header from the right,
+skipping trusted proxies, so what a client writes into the header itself is never taken
+while a proxy appends the address it was called from (nginx's
+`$proxy_add_x_forwarded_for`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
+import math
 import os
+import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +55,7 @@ from pydantic import (
 )
 
 from ragline_common.errors import ApiError
+from ragline_gateway import metrics
 
 log = logging.getLogger("ragline.auth")
 
@@ -124,6 +141,21 @@ class Caller:
     requests_per_minute: int
     max_streams: int
     default: str = ""  # the collection used when a request names none
+    anonymous: bool = False  # the one caller of a gateway without keys
+
+    def conversation_scope(self, collection: str) -> str:
+        """The namespace of this caller's conversations in `collection` (memory.py).
+
+        A conversation belongs to the key that started it, in the collection it was
+        started in: `tenant:key id:collection`. Another key, of the same tenant or not,
+        that sends the same conversation id (or Open WebUI chat id) starts a conversation
+        of its own and never reads or extends this one; the same key asking about another
+        collection does too, so no passage of one collection is replayed as history into
+        an answer from another. Anonymous mode (no keys) keeps one namespace per tenant,
+        as before keys existed: `local`."""
+        if self.anonymous:
+            return self.tenant
+        return f"{self.tenant}:{self.key_id}:{collection}"
 
     def may_read(self, collection: str) -> bool:
         return any(_matches(p, collection) for p in self.collections)
@@ -225,7 +257,19 @@ class Authenticator:
         self._stamp: tuple[float, int] | None = None
         self.ring = self._load()
         self.anonymous: Caller | None = None
+        configured = self.keys_file is not None or bool(keys_json.strip())
         if len(self.ring) == 0:
+            if configured:
+                source = (
+                    f"the API keys file {str(self.keys_file)!r}"
+                    if self.keys_file is not None
+                    else "RAGLINE_GATEWAY_API_KEYS"
+                )
+                raise ValueError(
+                    f"no API keys configured: {source} holds no keys (add one with `ragline "
+                    "keys new`; RAGLINE_GATEWAY_ALLOW_ANONYMOUS applies only when neither "
+                    "RAGLINE_GATEWAY_API_KEYS_FILE nor RAGLINE_GATEWAY_API_KEYS is set)"
+                )
             if not allow_anonymous:
                 raise ValueError(
                     "no API keys configured: set RAGLINE_GATEWAY_API_KEYS_FILE (or "
@@ -240,6 +284,7 @@ class Authenticator:
                 requests_per_minute=requests_per_minute,
                 max_streams=max_streams,
                 default=default_collection,
+                anonymous=True,
             )
             log.warning("no API keys configured: every request is anonymous, with admin rights")
         else:
@@ -266,7 +311,10 @@ class Authenticator:
         except (OSError, ValueError) as exc:
             log.error("API keys file not reloaded; the old keys stay", extra={"error": str(exc)})
             return False
-        log.info("API keys reloaded", extra={"keys": len(self.ring)})
+        if len(self.ring) == 0:
+            log.error("the reloaded API keys file holds no keys: every request is refused")
+        else:
+            log.info("API keys reloaded", extra={"keys": len(self.ring)})
         return True
 
     async def watch(self, interval_s: float) -> None:
@@ -290,3 +338,76 @@ class Authenticator:
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )  # fmt: skip
         return caller
+
+
+def check_trusted_proxies(entries: list[str]) -> list[str]:
+    """`trusted_proxies`, checked before the gateway starts (uvicorn would take a malformed
+    entry, or a network with host bits set, as a name that no peer has, silently)."""
+    for entry in entries:
+        try:
+            if "/" in entry:
+                ipaddress.ip_network(entry)
+            else:
+                ipaddress.ip_address(entry)
+        except ValueError:
+            raise ValueError(
+                f"trusted_proxies: {entry!r} is not an IP address or network"
+            ) from None
+    return entries
+
+
+class FailedAuthThrottle:
+    """Slows down key guessing and floods of bad keys, per client address, in memory.
+
+    After `limit` failed authentications in any `window_s`, the client's further calls
+    are answered 429 with `Retry-After` before their key is even looked at, whatever key
+    they carry, until the oldest failure leaves the window: a client that keeps failing
+    gets `limit` tries per window. Other clients are not affected. Per replica (auth never
+    depends on Redis): N replicas allow N times the tries. Bounded: the `max_clients`
+    most recently failing addresses are remembered.
+    """
+
+    def __init__(self, limit: int, window_s: float, max_clients: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_clients = max_clients
+        self.failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, client: str) -> int | None:
+        """Seconds until `client` may try again; None when it may now."""
+        recent = self.failures.get(client)
+        if not self.limit or recent is None or len(recent) < self.limit:
+            return None
+        wait = recent[0] + self.window_s - time.monotonic()
+        if wait <= 0:
+            return None
+        return max(1, math.ceil(wait))
+
+    def check(self, client: str) -> None:
+        wait = self.retry_after(client)
+        if wait is not None:
+            metrics.RATE_LIMITED.labels("auth_failures").inc()
+            raise ApiError(
+                429, "rate_limited",
+                "too many failed authentications from this client; retry later",
+                headers={"Retry-After": str(wait)},
+            )  # fmt: skip
+
+    def failed(self, client: str) -> None:
+        if not self.limit:
+            return
+        now = time.monotonic()
+        recent = self.failures.pop(client, None)
+        if recent is None:
+            recent = deque(maxlen=self.limit)
+        while recent and recent[0] <= now - self.window_s:
+            recent.popleft()
+        recent.append(now)
+        self.failures[client] = recent  # most recent last
+        while len(self.failures) > self.max_clients:
+            self.failures.popitem(last=False)
+        if len(recent) == self.limit:
+            log.warning(
+                "failed authentications from one client; its calls are refused for a while",
+                extra={"client": client, "failures": self.limit, "window_s": self.window_s},
+            )

@@ -10,6 +10,11 @@ and the clock is Redis's own (`TIME`), not each replica's.
 - Concurrent streams: a sorted set of leases scored by expiry. A replica renews its leases
   while their streams run and removes them at the end; a replica that dies leaves leases
   that expire after `stream_lease_ttl_s`, so its streams do not count for ever.
+- Calls per minute: every authenticated call of a key (reads such as `GET /v1/models`
+  and `/api/jobs/...` included, and calls refused after authentication) goes through a
+  second sliding log with `requests_per_minute` x `call_rate_multiplier` calls a minute
+  (`acquire_call`), so no route is unlimited while reads stay cheap: a client polling its
+  ingest job does not use up the rate its questions need.
 
 When Redis is down or slow, `on_redis_error` decides: `closed` (default) refuses with
 503, `open` admits without limits. Without Redis at all (none installed) an in-process
@@ -94,6 +99,8 @@ class Lease:
 class Limiter(Protocol):
     async def acquire(self, caller: Caller, stream: bool) -> Lease | None: ...
 
+    async def acquire_call(self, caller: Caller, per_minute: int) -> None: ...
+
     async def release(self, lease: Lease) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -104,6 +111,8 @@ def _refuse(reason: str, retry_after_ms: float) -> ApiError:
     seconds = str(max(1, math.ceil(retry_after_ms / 1000)))
     if reason == "streams":
         message = "too many answers in progress for this API key; retry when one ends"
+    elif reason == "calls":
+        message = "call rate limit of this API key reached"
     else:
         message = "request rate limit of this API key reached"
     return ApiError(429, "rate_limited", message, headers={"Retry-After": seconds})
@@ -130,10 +139,10 @@ class RedisLimiter:
         self._renewer: asyncio.Task[None] | None = None
 
     @staticmethod
-    def _keys(key_id: str) -> list[str]:
+    def _keys(key_id: str, log: str = "requests") -> list[str]:
         # `{key_id}` is a hash tag: both keys land in one Redis Cluster slot, as a
         # multi-key script requires.
-        return [f"ragline:rl:{{{key_id}}}:requests", f"ragline:rl:{{{key_id}}}:streams"]
+        return [f"ragline:rl:{{{key_id}}}:{log}", f"ragline:rl:{{{key_id}}}:streams"]
 
     async def acquire(self, caller: Caller, stream: bool) -> Lease | None:
         max_streams = _streams_limit(caller, stream)
@@ -142,14 +151,31 @@ class RedisLimiter:
         lease = Lease(caller.key_id, uuid.uuid4().hex, bool(max_streams))
         args = [caller.requests_per_minute, max_streams, lease.lease_id, self.lease_ttl_ms,
                 WINDOW_MS]  # fmt: skip
+        if not await self._run_admit(self._keys(caller.key_id), args):
+            return None  # Redis failed, and the limiter fails open
+        if lease.stream:
+            self.held[lease.key_id].add(lease.lease_id)
+            self._ensure_renewer()
+        return lease
+
+    async def acquire_call(self, caller: Caller, per_minute: int) -> None:
+        """One call against the key's calls-per-minute log (`per_minute` 0: none)."""
+        if per_minute:
+            args = [per_minute, 0, uuid.uuid4().hex, self.lease_ttl_ms, WINDOW_MS]
+            await self._run_admit(self._keys(caller.key_id, "calls"), args, reason="calls")
+
+    async def _run_admit(self, keys: list[str], args: list[object], reason: str = "") -> bool:
+        """The admission script: True when admitted and recorded, False when Redis failed
+        and the limiter fails open; raises the refusal (429), or 503 when Redis failed and
+        the limiter fails closed. `reason` names the refusal in place of the script's."""
         try:
-            result = await self._admit(keys=self._keys(caller.key_id), args=args)
+            result = await self._admit(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             metrics.REDIS_ERRORS.labels("rate_limit").inc()
             if self.on_redis_error == "open":
                 log.warning("rate limiter unavailable; admitting (fail open)",
                             extra={"error": repr(exc)})  # fmt: skip
-                return None
+                return False
             log.warning("rate limiter unavailable; refusing (fail closed)",
                         extra={"error": repr(exc)})  # fmt: skip
             raise ApiError(
@@ -158,12 +184,9 @@ class RedisLimiter:
                 headers={"Retry-After": "5"},
             ) from exc  # fmt: skip
         if int(result[0]) != 1:
-            reason = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
-            raise _refuse(reason, float(result[2]))
-        if lease.stream:
-            self.held[lease.key_id].add(lease.lease_id)
-            self._ensure_renewer()
-        return lease
+            said = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
+            raise _refuse(reason or said, float(result[2]))
+        return True
 
     async def release(self, lease: Lease) -> None:
         if not lease.stream:
@@ -213,6 +236,7 @@ class LocalLimiter:
 
     def __init__(self) -> None:
         self.requests: defaultdict[str, deque[float]] = defaultdict(deque)
+        self.calls: defaultdict[str, deque[float]] = defaultdict(deque)
         self.streams: defaultdict[str, set[str]] = defaultdict(set)
         log.warning("no redis_url set: rate limits are per process (single replica only)")
 
@@ -223,20 +247,28 @@ class LocalLimiter:
         if max_streams and len(self.streams[key]) >= max_streams:
             raise _refuse("streams", 1000)
         if caller.requests_per_minute:
-            log_ = self.requests[key]
-            while log_ and log_[0] <= now - WINDOW_MS:
-                log_.popleft()
-            if len(log_) >= caller.requests_per_minute:
-                raise _refuse("rate", log_[0] + WINDOW_MS - now)
-            log_.append(now)
+            _admit_local(self.requests[key], caller.requests_per_minute, now, "rate")
         if not max_streams:
             return None
         lease = Lease(key, uuid.uuid4().hex, True)
         self.streams[key].add(lease.lease_id)
         return lease
 
+    async def acquire_call(self, caller: Caller, per_minute: int) -> None:
+        if per_minute:
+            _admit_local(self.calls[caller.key_id], per_minute, time.monotonic() * 1000, "calls")
+
     async def release(self, lease: Lease) -> None:
         self.streams[lease.key_id].discard(lease.lease_id)
 
     async def aclose(self) -> None:
         return None
+
+
+def _admit_local(log_: deque[float], per_minute: int, now: float, reason: str) -> None:
+    """The sliding log of the Lua script, in this process."""
+    while log_ and log_[0] <= now - WINDOW_MS:
+        log_.popleft()
+    if len(log_) >= per_minute:
+        raise _refuse(reason, log_[0] + WINDOW_MS - now)
+    log_.append(now)

@@ -1,8 +1,10 @@
 """Conversation memory: the last turns of a conversation, kept in Redis with a TTL.
 
-Without Redis (no URL configured) turns are kept in this process: fine for one replica on
-a laptop, wrong behind a load balancer, hence the warning at start-up. A Redis failure
-never fails an answer: the pipeline skips memory and says so in `degraded`.
+A conversation belongs to the API key that started it, in the collection it started in
+(see `RedisMemory`). Without Redis (no URL configured) turns are kept in this process:
+fine for one replica on a laptop, wrong behind a load balancer, hence the warning at
+start-up. A Redis failure never fails an answer: the pipeline skips memory and says so in
+`degraded`.
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ class ConversationMemory(Protocol):
 
 
 class RedisMemory:
-    """Conversation ids arrive as `tenant:conversation_id` (pipeline.py), so one tenant can
-    never read another's conversation by guessing its id."""
+    """Conversation ids arrive prefixed with their owner's scope (pipeline.py,
+    auth.Caller.conversation_scope): `tenant:key id:collection:conversation id` with API
+    keys, so that no other key, of another tenant or the same one, reads or extends a
+    conversation by sending its id, and no conversation carries one collection's passages
+    into answers from another; `local:conversation id` in anonymous mode."""
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.client = client

@@ -79,7 +79,11 @@ class Question:
     # Cut-off rules this request sets (protocol.cutoff_overrides): Cutoff field → value.
     cutoff: dict[str, float | None] = field(default_factory=dict)
     conversation_id: str | None = None
-    # OpenAI clients send the history in `messages`; then memory is not read.
+    # Whose conversations `conversation_id` names (auth.Caller.conversation_scope): the key
+    # and collection with keys, the tenant without; memory is keyed on both.
+    memory_scope: str = "local"
+    # OpenAI clients send the history in `messages`; then memory is neither read nor
+    # written (an Open WebUI chat id is only the answer's conversation id).
     history: list[Turn] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     # False: `messages` go straight to the generation model (no retrieval, no sources).
@@ -120,6 +124,12 @@ def _generation_unavailable() -> ApiError:
         503, "generation_unavailable", "the answer generator is unavailable; please retry shortly",
         headers={"Retry-After": "5"},
     )  # fmt: skip
+
+
+def _memory_id(q: Question, conversation_id: str) -> str:
+    """Where a conversation's turns are kept: its owner's scope, then the id the client
+    gave, so that no caller reaches another's conversation by sending its id."""
+    return f"{q.memory_scope}:{conversation_id}"
 
 
 def _ms(start: float) -> float:
@@ -337,7 +347,7 @@ class AnswerPipeline:
             return []
         try:
             with anyio.fail_after(self.settings.redis_timeout_s):
-                loaded = await self.memory.load(f"{q.tenant}:{conversation_id}", turns)
+                loaded = await self.memory.load(_memory_id(q, conversation_id), turns)
         except Exception as exc:  # Redis down or slow: answer without memory
             log.warning("memory unavailable, answering without history", extra={"error": repr(exc)})
             degraded.append("memory")
@@ -575,8 +585,8 @@ class AnswerPipeline:
         q = p.question
         if not q.knowledge_base or q.history is not None or "memory" in p.degraded:
             return
-        memory_id = f"{p.question.tenant}:{p.conversation_id}"
-        self._background_task(self._remember(memory_id, Turn(p.question.text, answer)))
+        memory_id = _memory_id(q, p.conversation_id)
+        self._background_task(self._remember(memory_id, Turn(q.text, answer)))
 
     async def _store(self, p: PreparedAnswer, answer: CachedAnswer) -> None:
         """Only whole, undegraded answers are cached: a degraded one is worse than what the

@@ -40,6 +40,9 @@ class GatewaySettings(ServiceSettings):
     # for vLLM or Infinity too).
     reranker_health_path: str = ""
     llm_url: str = "http://127.0.0.1:8003"
+    # Probed by /readyz and the health watch; empty: /readyz (llm-svc). `/health` for a
+    # stock `vllm serve` (docs/llm-upstreams.md).
+    llm_health_path: str = ""
     # Cache, rate limits and conversation memory. Empty: all three live in this process
     # (single replica only; logged at start).
     redis_url: str = ""
@@ -58,6 +61,20 @@ class GatewaySettings(ServiceSettings):
     # What the rate limiter does when Redis fails: refuse (503) or admit without limits.
     rate_limit_on_redis_error: Literal["closed", "open"] = "closed"
     stream_lease_ttl_s: float = Field(default=60.0, ge=5)
+    # Every authenticated call of a key (`GET /v1/models`, `/api/collections`, `/api/jobs`
+    # reads included, and calls refused after authentication) also counts against a second
+    # per-key window of `requests_per_minute` x this many calls a minute (limits.py); 0
+    # turns that window off. Answers and document writes count against both.
+    call_rate_multiplier: int = Field(default=10, ge=0)
+    # Failed authentication (401) per client address (auth.py): after this many in any
+    # `auth_failure_window_s`, that client's further calls get 429 with Retry-After until
+    # the oldest failure leaves the window (per replica, in memory); 0 turns it off.
+    auth_failure_limit: int = Field(default=20, ge=0)
+    auth_failure_window_s: float = Field(default=60.0, gt=0)
+    # Peers whose X-Forwarded-For names the client (addresses or CIDR networks, JSON list;
+    # uvicorn's forwarded_allow_ips): nginx on the same host by default. Behind
+    # ingress-nginx, name its pods' network, or all clients share its address (auth.py).
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
 
     # Answer cache (cache.py): 0 turns it off.
     cache_ttl_s: int = Field(default=3600, ge=0)
@@ -71,6 +88,13 @@ class GatewaySettings(ServiceSettings):
     cors_origins: list[str] = Field(default_factory=list)
     max_request_bytes: int = Field(default=256 * 1024, ge=1024)
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # The request line and headers together, and the number of header lines: over either,
+    # 431 with the JSON error envelope, the connection closed (hardening.py).
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096)
+    max_header_count: int = Field(default=100, ge=16)
+    # /docs and /openapi.json: `auto` serves them only without API keys (anonymous local
+    # stack), `true` always, `false` never.
+    openapi_docs: Literal["auto", "true", "false"] = "auto"
 
     default_collection: str = "default"
     llm_model: str = Field(default="", description="model name sent to llm-svc; empty: ask it")

@@ -33,7 +33,7 @@ def build_app(settings: LlmSettings | None = None) -> FastAPI:
         finally:
             await engine.close()
 
-    app = create_app("ragline llm-svc", lifespan)
+    app = create_app("ragline llm-svc", lifespan, service_token=settings.service_token)
     app.state.serving = None
     app.include_router(router)
     return app

@@ -56,7 +56,7 @@ def build_app(settings: RerankerSettings | None = None) -> FastAPI:
             state.ready = False
             await batcher.close()
 
-    app = create_app("ragline reranker-svc", lifespan)
+    app = create_app("ragline reranker-svc", lifespan, service_token=settings.service_token)
     app.state.reranker = state
     app.include_router(router)
     return app

@@ -29,7 +29,9 @@ def build_app(settings: RetrieverSettings | None = None) -> FastAPI:
         finally:
             await rt.close()
 
-    app = create_app("ragline retriever-svc", lifespan=lifespan)
+    app = create_app(
+        "ragline retriever-svc", lifespan=lifespan, service_token=settings.service_token
+    )
     # Appended, not `add_middleware` (which wraps outermost): inside the request-id
     # middleware, so a refused body still gets a request id in its envelope and log line.
     app.user_middleware.append(Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes))

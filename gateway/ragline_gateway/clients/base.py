@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 
 from ragline_common.middleware import request_headers
+from ragline_common.service_token import HEADER as SERVICE_TOKEN_HEADER
+from ragline_common.service_token import REFUSED_CODE as TOKEN_REFUSED
 from ragline_gateway.clients.network import upstream_transport
 from ragline_gateway.metrics import UPSTREAM_UP
 
@@ -56,9 +58,40 @@ class UpstreamClient:
             base_url=base_url,
             transport=upstream_transport(base_url, limits),
             timeout=httpx.Timeout(30.0, connect=connect_timeout),
+            event_hooks={"response": [self._refused_token]},
         )
         # Set by `watch`: the last health probes all went unanswered.
         self.known_down = False
+
+    def send_service_token(self, token: str) -> None:
+        """Every request to this upstream carries `token` in `X-Ragline-Service-Token`
+        (the gateway's SERVICE_TOKEN; ragline_common.service_token), as a default header
+        of the one client, so no call path can forget it. Empty: none is sent."""
+        if token:
+            self.http.headers[SERVICE_TOKEN_HEADER] = token
+        else:
+            self.http.headers.pop(SERVICE_TOKEN_HEADER, None)
+
+    async def _refused_token(self, response: httpx.Response) -> None:
+        """A response hook of the client: a 401 `invalid_service_token` means the gateway's
+        SERVICE_TOKEN and the upstream's differ, an operator's mistake, not the caller's.
+        Raised as an UpstreamError without a status, so every call path (the LLM stream
+        included) treats it as the upstream being unavailable (503 or degradation), never
+        as the user's own 401; logged, without the token, so the cause is named."""
+        if response.status_code != 401:
+            return
+        await response.aread()
+        body = json_or_none(response)
+        error = body.get("error") if isinstance(body, dict) else None
+        if not (isinstance(error, dict) and error.get("code") == TOKEN_REFUSED):
+            return
+        sent = SERVICE_TOKEN_HEADER in self.http.headers
+        log.error(
+            "upstream refused the gateway's service token: set the same SERVICE_TOKEN on "
+            "the gateway and on it",
+            extra={"upstream": self.name, "token_sent": sent},
+        )
+        raise UpstreamError(self.name, "refused the gateway's service token (SERVICE_TOKEN)")
 
     async def aclose(self) -> None:
         await self.http.aclose()

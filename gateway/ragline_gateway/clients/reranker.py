@@ -63,9 +63,15 @@ class RerankerClient(UpstreamClient):
         self.health_path = health_path or ("/health" if api == "tei" else "/readyz")
         if api_key:
             self.http.headers["authorization"] = f"Bearer {api_key}"
+        # A reranker with an API key of its own is a server with its own authentication
+        # (vLLM, TEI, a hosted API): it never gets ragline's internal service token.
+        self.own_auth = bool(api_key)
         # What the reranker scores with (module docstring); None until it answers ready.
         self.scorer: str | None = None
         self._asked_at = -float("inf")
+
+    def send_service_token(self, token: str) -> None:
+        super().send_service_token("" if self.own_auth else token)
 
     def observe_health(self, status: int, payload: Any) -> None:
         if status != 200:
