@@ -5,7 +5,7 @@ VENV := .venv
 VLLM_VENV := .venv-vllm
 PACKAGES := $(wildcard */pyproject.toml) pyproject.toml
 
-.PHONY: up test install vllm openwebui system-deps lint images lock
+.PHONY: up test install vllm openwebui milvus system-deps lint images lock
 
 $(VENV)/.installed: $(PACKAGES) locks/stack.txt scripts/bootstrap.sh scripts/uv.sh
 	scripts/bootstrap.sh
@@ -18,21 +18,35 @@ OPENWEBUI_VENV := .venv-openwebui
 $(OPENWEBUI_VENV)/.installed: scripts/bootstrap.sh scripts/uv.sh
 	scripts/bootstrap.sh --openwebui
 
+# A real Milvus standalone server (2.3.5), which tests/milvus_server.py starts for the
+# remote contract suite: only the tests need it.
+MILVUS_VENV := .venv-milvus
+$(MILVUS_VENV)/.installed: scripts/milvus-server.sh scripts/uv.sh
+	scripts/milvus-server.sh
+
 install: $(VENV)/.installed
 
 vllm: $(VLLM_VENV)/.installed
 
 openwebui: $(OPENWEBUI_VENV)/.installed
 
+milvus: $(MILVUS_VENV)/.installed
+
 system-deps:
 	scripts/bootstrap.sh --system
 
 ## Run the whole stack on its embedded defaults, in the foreground (Ctrl-C stops it all).
-up: install
-	$(VENV)/bin/ragline up
+## With a model: RAGLINE_LLM_ENGINE=vllm RAGLINE_LLM_VLLM_MODEL=PATH_OR_ID make up (builds
+## .venv-vllm first; docs/running-with-a-model.md). UP_ARGS: more `ragline up` flags.
+UP_DEPS := install
+ifeq ($(RAGLINE_LLM_ENGINE),vllm)
+UP_DEPS += vllm
+endif
+up: $(UP_DEPS)
+	$(VENV)/bin/ragline up $(UP_ARGS)
 
 ## Run the test suite against real processes on loopback.
-test: install vllm openwebui system-deps
+test: install vllm openwebui milvus system-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 ## The four service images, ragline/{gateway,retriever,reranker,llm}:dev (TAG=... for another

@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from ragline_cli.main import ingest
-from ragline_cli.processes import ManagedProcess
+from ragline_cli.processes import ManagedProcess, session_members
 from ragline_cli.stack import Child, CrashLoop, RestartPolicy, Stack, StackConfig, Supervisor
 
 from service_helpers import chat_events, event, poll
@@ -138,6 +138,29 @@ def test_crash_loop_counts_only_restarts_within_the_window(
         assert child.state == "starting"
         clock.now += 40
     assert child.restarts == 6
+
+
+def test_stopping_a_child_ends_its_whole_session(tmp_path: Path) -> None:
+    """What a child started is stopped with it, even in a process group of its own and
+    deaf to SIGTERM (as a stuck vLLM engine process would be): it is found in the child's
+    session and killed once the stop's timeout has run out."""
+    grandchild = (
+        "import os, signal, time; os.setpgrp(); "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    )
+    code = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(120)"
+    )
+    proc = fake_child(tmp_path, "parent", code).start()
+    assert proc.pid is not None
+
+    def stray() -> list[int]:  # the grandchild, once it is in a process group of its own
+        return [pid for pid in proc.session_members() if os.getpgid(pid) != proc.pid]
+
+    (pid,) = poll(stray, 30, "the grandchild runs in a group of its own")
+    assert proc.stop(timeout=1.0) == []
+    assert proc.session_members() == [] and pid not in session_members(proc.pid)
 
 
 # A stack exactly like `make up`'s (nginx, redis, the four services), supervised.

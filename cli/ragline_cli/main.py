@@ -22,6 +22,7 @@ import email.utils
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -340,20 +341,58 @@ def ask(url: str, question: str, collection: str | None) -> int:
     return 0
 
 
-def up(no_ingest: bool) -> int:
-    config = StackConfig()
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM while the stack was starting (a model may load for minutes)."""
+
+
+def up(
+    no_ingest: bool,
+    llm_engine: str | None = None,
+    llm_model: str | None = None,
+    reranker_model: str | None = None,
+) -> int:
+    """The stack in the foreground until Ctrl-C or SIGTERM. The engine and models: the
+    flags, else the environment (RAGLINE_LLM_ENGINE, RAGLINE_LLM_VLLM_MODEL,
+    RAGLINE_RERANKER_MODEL), else the extractive engine and no cross-encoder."""
+    began = time.monotonic()
+    extra: dict[str, dict[str, str]] = {"llm": {}, "reranker": {}}
+    if llm_model:
+        extra["llm"]["RAGLINE_LLM_VLLM_MODEL"] = _model_arg(llm_model)
+        llm_engine = llm_engine or "vllm"
+    if llm_engine:
+        extra["llm"]["RAGLINE_LLM_ENGINE"] = llm_engine
+    if reranker_model:
+        extra["reranker"]["RAGLINE_RERANKER_MODEL"] = _model_arg(reranker_model)
+    config = StackConfig(extra_env={k: v for k, v in extra.items() if v})
+    if config.llm_engine == "vllm" and config.llm_model and not config.vllm_installed:
+        print(f"building {config.vllm_venv} for vLLM (once: ~1.5 min, 3.4 GB) ...", flush=True)
+        built = subprocess.run([str(REPO_ROOT / "scripts" / "bootstrap.sh"), "--vllm"])
+        if built.returncode != 0:
+            print("ragline: building .venv-vllm failed (see above)", file=sys.stderr)
+            return 1
+    try:
+        config.check_llm()
+    except ValueError as exc:
+        print(f"ragline: {exc}", file=sys.stderr)
+        return 2
     stack = Stack(config, supervise=True, report=_say)
-    stopping = False
+    phase = "starting"
 
     def on_signal(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal phase
+        if phase == "starting":
+            phase = "stopping"
+            raise _Interrupted()
+        phase = "stopping"
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(
         f"starting ragline (first start loads the embedding model; logs in {config.run_dir}/logs/)"
     )
+    for line in config.describe():
+        print(f"  {line}")
+    sys.stdout.flush()
     try:
         stack.start()
         missing = config.missing_binaries()
@@ -363,20 +402,40 @@ def up(no_ingest: bool) -> int:
         if not no_ingest and not stack.failed.is_set():
             docs, chunks = ingest(url, REPO_ROOT / "samples", "default")
             print(f"ingested {docs} sample documents ({chunks} chunks) into 'default'")
+        if phase == "starting":
+            phase = "running"
         if not stack.failed.is_set():
-            print(f"\nragline is up: {url}  (state: {stack.state_path})")
+            took = f"started in {time.monotonic() - began:.1f} s"
+            if "llm" in stack.ready_s and config.llm_model:
+                took += f"; llm-svc ready after {stack.ready_s['llm']:.1f} s"
+            print(f"\nragline is up: {url}  ({took}; state: {stack.state_path})")
             question = "How do honeybees tell each other where flowers are?"
             print(f'  try: .venv/bin/ragline ask --url {url} "{question}"')
             print("  .venv/bin/ragline status shows each process; Ctrl-C stops everything.")
-        while not stopping:
+            sys.stdout.flush()
+        while phase == "running":
             failure = stack.wait_failed(0.5)
             if failure is not None:
                 print(f"ragline stopped: {failure}", file=sys.stderr)
                 return 1
         return 0
+    except _Interrupted:
+        return 130
     finally:
-        print("stopping ragline ...")
+        phase = "stopping"
+        print("stopping ragline ...", flush=True)
         stack.stop()
+        if stack.leftovers:
+            print(f"ragline: processes left running: {stack.leftovers}", file=sys.stderr)
+        else:
+            print("stopped; no process of the stack is left", flush=True)
+
+
+def _model_arg(model: str) -> str:
+    """A model flag: a path that exists here, made absolute (the services may run from
+    another folder); anything else is a hub id, passed as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def _say(line: str) -> None:
@@ -452,6 +511,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="run the whole stack in the foreground")
     p_up.add_argument("--no-ingest", action="store_true", help="do not ingest the sample corpus")
+    p_up.add_argument(
+        "--llm-engine",
+        choices=("extractive", "vllm", "fixed"),
+        default=None,
+        help="llm-svc's engine (default: env RAGLINE_LLM_ENGINE, else extractive; "
+        "--llm-model implies vllm)",
+    )
+    p_up.add_argument(
+        "--llm-model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="model for vLLM, run from .venv-vllm (built when missing); default: env "
+        "RAGLINE_LLM_VLLM_MODEL. See docs/running-with-a-model.md",
+    )
+    p_up.add_argument(
+        "--reranker-model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="cross-encoder for reranker-svc (default: env RAGLINE_RERANKER_MODEL, else none)",
+    )
     p_status = sub.add_parser("status", help="each process of the local stack, and the URL")
     p_ingest = sub.add_parser("ingest", help="ingest a file or a folder")
     p_ingest.add_argument("path", type=Path)
@@ -477,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return keys.run(args)
     if args.command == "up":
-        return up(args.no_ingest)
+        return up(args.no_ingest, args.llm_engine, args.llm_model, args.reranker_model)
     if args.command == "ingest" and not args.path.exists():
         parser.error(f"{args.path} does not exist")
     try:

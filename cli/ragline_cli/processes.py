@@ -3,6 +3,10 @@
 Used by `ragline up` and by the tests alike, so the tests exercise the same start-up path
 a user runs. Readiness is polled with a deadline (never a fixed sleep); a process that
 dies while starting fails at once with the tail of its log.
+
+Each process runs in a session of its own. Stopping it ends the whole session, not only
+the process itself: llm-svc on vLLM runs the engine in a child process (EngineCore), which
+must not outlive it, and which is looked for and killed if it does.
 """
 
 from __future__ import annotations
@@ -41,8 +45,14 @@ class ManagedProcess:
     env: dict[str, str] = field(default_factory=dict)
     ready: Callable[[], bool] | None = None
     proc: subprocess.Popen[bytes] | None = None
+    # Whether what its session left behind was looked for since it ended (once is enough:
+    # later, its pid may name someone else's session).
+    swept: bool = False
+    # When `terminate` sent SIGTERM to the process now running (monotonic; 0: not yet).
+    terminated_at: float = 0.0
 
     def start(self) -> ManagedProcess:
+        self.swept, self.terminated_at = False, 0.0
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -75,12 +85,15 @@ class ManagedProcess:
     def reap_group(self) -> None:
         """After the process itself has died: end what it left behind in its session
         (worker processes of a killed service would otherwise hold its port or files)."""
-        if self.proc is None or self.proc.poll() is None:
+        if self.proc is None or self.proc.poll() is None or self.swept:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        end_session(self.proc.pid, time.monotonic())
+        self.swept = True
+
+    def session_members(self) -> list[int]:
+        """Live processes (zombies aside) of the session this process leads: itself and
+        whatever it started that is still running, e.g. vLLM's engine process."""
+        return [] if self.proc is None else session_members(self.proc.pid)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -88,31 +101,117 @@ class ManagedProcess:
         except OSError:
             return ""
 
+    def ready_by(self, deadline: float, timeout: float) -> bool:
+        """One look while starting: True once ready. Raises ProcessFailed, with the tail
+        of its log, when it has exited or `deadline` (monotonic) has passed."""
+        if not self.alive():
+            code = self.proc.returncode if self.proc else None
+            raise ProcessFailed(
+                f"{self.name} exited with {code} while starting; log:\n{self.log_tail()}"
+            )
+        if self.ready is None or self.ready():
+            return True
+        if time.monotonic() >= deadline:
+            raise ProcessFailed(
+                f"{self.name} not ready after {timeout:.0f}s; log:\n{self.log_tail()}"
+            )
+        return False
+
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                code = self.proc.returncode if self.proc else None
-                raise ProcessFailed(
-                    f"{self.name} exited with {code} while starting; log:\n{self.log_tail()}"
-                )
-            if self.ready is None or self.ready():
-                return
+        while not self.ready_by(deadline, timeout):
             time.sleep(0.1)
-        raise ProcessFailed(f"{self.name} not ready after {timeout:.0f}s; log:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+    def terminate(self) -> None:
+        """SIGTERM to its process group, once, without waiting (`stop` waits): to stop
+        several side by side."""
+        if self.proc is None or self.proc.poll() is not None or self.terminated_at:
             return
+        self.terminated_at = time.monotonic()
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            pass
+
+    def stop(self, timeout: float = 15.0) -> list[int]:
+        """SIGTERM to its process group (unless `terminate` sent it); SIGKILL `timeout`
+        after it. Then what is left of its session (children that outlived it, in its
+        group or another) is ended too (`end_session`). Returns the pids of its session
+        still alive after all that (empty, unless one could not be killed)."""
+        if self.proc is None or self.swept:
+            return []
+        pid = self.proc.pid
+        self.terminate()  # a second SIGTERM would make a service skip its clean shutdown
+        deadline = (self.terminated_at or time.monotonic()) + timeout
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # then the rest of its session, at once (end_session)
+                self.proc.wait(5)
+        self.swept = True
+        return end_session(pid, deadline)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes (not zombies) whose session id is `sid`, from /proc (Linux; empty
+    where /proc is not)."""
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command: state, ppid, pgrp, session.
+        if fields[0] != b"Z" and int(fields[3]) == sid:
+            found.append(int(entry))
+    return found
+
+
+# How long what a stopped service left running in its session may take to exit by itself.
+ORPHAN_GRACE_S = 2.0
+
+
+def end_session(sid: int, deadline: float) -> list[int]:
+    """After the leader of session `sid` has exited: what is left of the session (orphans,
+    e.g. vLLM's worker, which lingered ~10 s after its parents) gets `ORPHAN_GRACE_S`, no
+    later than `deadline`, to exit; then it is killed, multiprocessing's resource trackers
+    last (they exit by themselves once the processes they watch are gone, and free the
+    shared memory those left behind). The pids still alive after that."""
+    grace = min(deadline, time.monotonic() + ORPHAN_GRACE_S)
+    while (left := session_members(sid)) and time.monotonic() < grace:
+        time.sleep(0.05)
+    for last_too in (False, True):
+        until = time.monotonic() + 5
+        while left and time.monotonic() < until:
+            for pid in left:
+                if last_too or not _is_resource_tracker(pid):
+                    _kill(pid)
+            time.sleep(0.05)
+            left = session_members(sid)
+    return left
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing.resource_tracker" in f.read()
+    except OSError:
+        return False
 
 
 def http_ready(url: str) -> Callable[[], bool]:
@@ -126,12 +225,18 @@ def http_ready(url: str) -> Callable[[], bool]:
 
 
 def python_service(
-    name: str, module: str, port: int, env: dict[str, str], log_dir: Path
+    name: str,
+    module: str,
+    port: int,
+    env: dict[str, str],
+    log_dir: Path,
+    python: Path | str | None = None,
 ) -> ManagedProcess:
-    """One of the four services, run as `python -m MODULE` with its settings in `env`."""
+    """One of the four services, run as `python -m MODULE` with its settings in `env`, by
+    `python` (default: this interpreter; llm-svc on vLLM: the one of `.venv-vllm`)."""
     return ManagedProcess(
         name=name,
-        argv=[sys.executable, "-m", module],
+        argv=[str(python or sys.executable), "-m", module],
         env=env,
         log_path=log_dir / f"{name}.log",
         ready=http_ready(f"http://127.0.0.1:{port}/readyz"),

@@ -9,6 +9,13 @@ process manager: a child that exits is started again (same command, port and set
 after a back-off, while the others keep serving; only a crash loop stops the whole stack.
 The stack's state (its URL, each child's pid, state and restarts) is kept in
 `run/stack.json`, where `ragline status` and the CLI's URL default read it.
+
+Generation runs on the engine `RAGLINE_LLM_ENGINE` names (in the environment, or the llm
+settings of `StackConfig.extra_env`, which win): the extractive one from this venv, or
+vLLM from `.venv-vllm` (its own venv, see llm-svc/README.md), on the model
+`RAGLINE_LLM_VLLM_MODEL`. With vLLM's CPU build installed there, the stack fills in CPU
+defaults the user did not set (`LLM_CPU_DEFAULTS`). A model can take minutes to load: the
+stack waits for it up to `model_ready_timeout_s`, reporting every `progress_interval_s`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections import deque
@@ -40,12 +48,49 @@ log = logging.getLogger("ragline.stack")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = "stack.json"
+# How long a child that is not ready yet gets to stop before it is killed.
+STARTING_STOP_S = 3.0
+# The services the gateway calls, started together and stopped together.
+BACKENDS = ("retriever", "reranker", "llm")
+VLLM_VENV = REPO_ROOT / ".venv-vllm"
+
+# llm-svc on vLLM's CPU build, where the user set nothing else: a KV cache of 1 GiB
+# (unsized, vLLM takes 90% of host RAM or refuses to start) and no torch.compile (starts
+# in ~25 s instead of ~45 s). Either setting of a kind counts as set.
+LLM_CPU_DEFAULTS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("RAGLINE_LLM_VLLM_KV_CACHE_GIB", "VLLM_CPU_KVCACHE_SPACE"): (
+        "RAGLINE_LLM_VLLM_KV_CACHE_GIB",
+        "1",
+    ),
+    ("RAGLINE_LLM_VLLM_ENFORCE_EAGER",): ("RAGLINE_LLM_VLLM_ENFORCE_EAGER", "true"),
+}
 
 
 def default_run_dir() -> Path:
     """run/ of the repo, or RAGLINE_RUN_DIR: where `ragline up` keeps its state and logs
     and where the CLI looks for the URL of a running stack."""
     return Path(os.environ.get("RAGLINE_RUN_DIR") or REPO_ROOT / "run")
+
+
+def default_data_dir() -> Path:
+    """data/ of the repo, or RAGLINE_DATA_DIR: the indexes of `ragline up`."""
+    return Path(os.environ.get("RAGLINE_DATA_DIR") or REPO_ROOT / "data")
+
+
+def vllm_build(venv: Path = VLLM_VENV) -> tuple[str, str] | None:
+    """(package, version) of the vLLM installed in `venv`: `vllm-cpu` (CPU build) or
+    `vllm` (the official CUDA build); None when there is none."""
+    found = sorted(venv.glob("lib/python*/site-packages/vllm*.dist-info"))
+    for dist in found:
+        name, _, version = dist.name.removesuffix(".dist-info").partition("-")
+        if name in ("vllm", "vllm_cpu"):
+            return name.replace("_", "-"), version
+    return None
+
+
+def is_local_model(model: str) -> bool:
+    """A model given as a path (a folder on this machine), not as a hub id."""
+    return bool(model) and Path(model).expanduser().exists()
 
 
 def _env_port(name: str, default: int) -> int:
@@ -55,7 +100,7 @@ def _env_port(name: str, default: int) -> int:
 @dataclass
 class StackConfig:
     run_dir: Path = field(default_factory=default_run_dir)
-    data_dir: Path = REPO_ROOT / "data"
+    data_dir: Path = field(default_factory=default_data_dir)
     web_root: Path = REPO_ROOT / "web"
     nginx_port: int = field(default_factory=lambda: _env_port("NGINX", 8080))
     gateway_port: int = field(default_factory=lambda: _env_port("GATEWAY", 8000))
@@ -71,6 +116,114 @@ class StackConfig:
     # Extra settings per service, e.g. {"llm": {"RAGLINE_LLM_TOKEN_INTERVAL_MS": "5"}}.
     extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
     ready_timeout_s: float = 180.0
+    # A service that loads a model the user chose (llm-svc on vLLM, reranker-svc with a
+    # cross-encoder) may take this long: a first start downloads it, a large one on a GPU
+    # loads for minutes.
+    model_ready_timeout_s: float = 1800.0
+    # While services start, a line every this many seconds for each one not ready yet.
+    progress_interval_s: float = 10.0
+    # Where llm-svc on vLLM runs from (scripts/bootstrap.sh --vllm builds it).
+    vllm_venv: Path = VLLM_VENV
+
+    def setting(self, service: str, name: str) -> str:
+        """A service's setting as its process will see it: `extra_env` wins over the
+        environment of this process; empty when neither sets it."""
+        value = self.extra_env.get(service, {}).get(name)
+        return value if value is not None else os.environ.get(name, "")
+
+    @property
+    def llm_engine(self) -> str:
+        return self.setting("llm", "RAGLINE_LLM_ENGINE") or "extractive"
+
+    @property
+    def llm_model(self) -> str:
+        """The vLLM model (id or path); empty for the other engines."""
+        return self.setting("llm", "RAGLINE_LLM_VLLM_MODEL") if self.llm_engine == "vllm" else ""
+
+    @property
+    def reranker_model(self) -> str:
+        """reranker-svc's cross-encoder (id or path); empty: none (the gateway ranks by
+        its blend of BM25 and vector scores)."""
+        return self.setting("reranker", "RAGLINE_RERANKER_MODEL")
+
+    @property
+    def vllm_python(self) -> Path:
+        return self.vllm_venv / "bin" / "python"
+
+    @property
+    def vllm_installed(self) -> bool:
+        """`.venv-vllm` is built (its stamp file is written last)."""
+        return self.vllm_python.exists() and (self.vllm_venv / ".installed").exists()
+
+    @property
+    def llm_python(self) -> Path:
+        return self.vllm_python if self.llm_engine == "vllm" else Path(sys.executable)
+
+    def llm_defaults(self) -> dict[str, str]:
+        """Settings the stack adds for llm-svc on vLLM, where the user set none: the CPU
+        defaults on vLLM's CPU build, and no usage report to vLLM's authors."""
+        if self.llm_engine != "vllm":
+            return {}
+        added = {}
+        if not self.setting("llm", "VLLM_NO_USAGE_STATS"):
+            added["VLLM_NO_USAGE_STATS"] = "1"
+        build = vllm_build(self.vllm_venv)
+        if build is not None and build[0] == "vllm-cpu":
+            for names, (name, value) in LLM_CPU_DEFAULTS.items():
+                if not any(self.setting("llm", n) for n in names):
+                    added[name] = value
+        return added
+
+    def describe(self) -> list[str]:
+        """What generates and what ranks, as `ragline up` prints it."""
+        if self.llm_engine == "vllm":
+            build = vllm_build(self.vllm_venv)
+            on = f"{build[0]} {build[1]}" if build else "vLLM (not installed)"
+            settings = {**{k: self.setting("llm", k) for k in self._llm_shown()},
+                        **self.llm_defaults()}  # fmt: skip
+            shown = ", ".join(
+                f"{k.removeprefix('RAGLINE_LLM_VLLM_')}={v}"
+                for k, v in settings.items()
+                if v and k != "VLLM_NO_USAGE_STATS"
+            )
+            llm = f"vLLM, model {self.llm_model} ({on}, {self.vllm_python})"
+            llm += f"; {shown}" if shown else ""
+        elif self.llm_engine == "extractive":
+            llm = "extractive (no model; RAGLINE_LLM_ENGINE=vllm runs one)"
+        else:
+            llm = self.llm_engine
+        if self.reranker_model:
+            rerank = f"cross-encoder {self.reranker_model} (reranker-svc)"
+        else:
+            rerank = "no cross-encoder (RAGLINE_RERANKER_MODEL unset): BM25 and vectors blended"
+        return [f"generation: {llm}", f"ranking: {rerank}"]
+
+    @staticmethod
+    def _llm_shown() -> list[str]:
+        return [
+            "RAGLINE_LLM_VLLM_MAX_MODEL_LEN",
+            "RAGLINE_LLM_VLLM_KV_CACHE_GIB",
+            "RAGLINE_LLM_VLLM_GPU_MEMORY_UTILIZATION",
+            "RAGLINE_LLM_VLLM_ENFORCE_EAGER",
+            "RAGLINE_LLM_VLLM_MAX_NUM_SEQS",
+        ]
+
+    def check_llm(self) -> None:
+        """Fails at once, saying what to do, when llm-svc on vLLM cannot start here."""
+        if self.llm_engine != "vllm":
+            return
+        if not self.llm_model:
+            raise ValueError(
+                "RAGLINE_LLM_ENGINE=vllm needs a model: RAGLINE_LLM_VLLM_MODEL=PATH_OR_HUB_ID "
+                "(or `ragline up --llm-model PATH_OR_HUB_ID`)"
+            )
+        if not self.vllm_installed:
+            raise ValueError(
+                f"llm-svc on vLLM runs from {self.vllm_venv}, which is not built: run "
+                "`scripts/bootstrap.sh --vllm` (on a GPU host: VLLM_PACKAGE=vllm==0.32.0 "
+                "scripts/bootstrap.sh --vllm), or `RAGLINE_LLM_ENGINE=vllm make up`, which "
+                "builds it"
+            )
 
     @property
     def public_url(self) -> str:
@@ -229,10 +382,17 @@ class Stack:
         report: Callable[[str], None] | None = None,
     ) -> None:
         """`supervise`: once started, restart exited children in a background thread
-        (see `Supervisor`); `report` gets its one-line events, `policy` its rules."""
+        (see `Supervisor`); `report` gets its one-line events, `policy` its rules, and the
+        progress lines while the services start."""
         self.config = config
         self.children: dict[str, Child] = {}
         self.supervisor = Supervisor(self.children, policy, report, self.write_state)
+        self.progress: Callable[[str], None] = report or log.info
+        # Seconds from launch to ready of each backend (retriever, reranker, llm).
+        self.ready_s: dict[str, float] = {}
+        # Processes of a child's session still alive after it was stopped, by child:
+        # empty unless something could not be killed.
+        self.leftovers: dict[str, list[int]] = {}
         self.supervising = supervise
         # Set when the supervisor gave up; `failure` says why.
         self.failed = threading.Event()
@@ -252,11 +412,25 @@ class Stack:
     def state_path(self) -> Path:
         return self.config.run_dir / STATE_FILE
 
-    def _service(self, name: str, module: str, port: int, env: dict[str, str]) -> ManagedProcess:
+    def _service(
+        self,
+        name: str,
+        module: str,
+        port: int,
+        env: dict[str, str],
+        python: Path | None = None,
+        model: str = "",
+    ) -> ManagedProcess:
+        """`model`: the model the service loads, when the user chose one. Given as a hub
+        id, the service may download it (the stack otherwise runs offline, on what is
+        in the Hugging Face cache); the environment's HF_HUB_OFFLINE still applies."""
         prefix = f"RAGLINE_{name.upper()}_"
-        full_env = {
+        offline = {} if model and not is_local_model(model) else {
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
+        }  # fmt: skip
+        full_env = {
+            **offline,
             "TOKENIZERS_PARALLELISM": "false",
             f"{prefix}PORT": str(port),
             # Nothing load-balances a local stack: stop at once rather than drain.
@@ -264,10 +438,13 @@ class Stack:
             **env,
             **self.config.extra_env.get(name, {}),
         }
-        return python_service(name, module, port, full_env, self.config.run_dir / "logs")
+        return python_service(
+            name, module, port, full_env, self.config.run_dir / "logs", python=python
+        )
 
     def start(self) -> Stack:
         c = self.config
+        c.check_llm()
         c.run_dir.mkdir(parents=True, exist_ok=True)
         local = "http://127.0.0.1"
         try:
@@ -277,15 +454,15 @@ class Stack:
             backends = [
                 self._service("retriever", "ragline_retriever", c.retriever_port,
                               {"RAGLINE_RETRIEVER_DATA_DIR": str(c.data_dir / "retriever")}),
-                self._service("reranker", "ragline_reranker", c.reranker_port, {}),
-                self._service("llm", "ragline_llm", c.llm_port, {}),
+                self._service("reranker", "ragline_reranker", c.reranker_port, {},
+                              model=c.reranker_model),
+                self._service("llm", "ragline_llm", c.llm_port, c.llm_defaults(),
+                              python=c.llm_python, model=c.llm_model),
             ]  # fmt: skip
             ports = {"retriever": c.retriever_port, "reranker": c.reranker_port, "llm": c.llm_port}
             for proc in backends:
                 self._launch(proc, f"{local}:{ports[proc.name]}", wait=False)
-            for proc in backends:
-                proc.wait_ready(c.ready_timeout_s)
-                self._ready(proc.name)
+            self._wait_backends(backends)
             gateway_env = {
                 "RAGLINE_GATEWAY_RETRIEVER_URL": f"{local}:{c.retriever_port}",
                 "RAGLINE_GATEWAY_RERANKER_URL": f"{local}:{c.reranker_port}",
@@ -315,6 +492,45 @@ class Stack:
             )
             self._thread.start()
         return self
+
+    def _loading(self, name: str) -> str:
+        """What a starting backend is doing, for the progress lines."""
+        c = self.config
+        if name == "llm" and c.llm_model:
+            return f"llm-svc: loading model {c.llm_model} (vLLM)"
+        if name == "reranker" and c.reranker_model:
+            return f"reranker-svc: loading model {c.reranker_model}"
+        return f"{name}-svc: starting"
+
+    def _timeout(self, name: str) -> float:
+        c = self.config
+        loads_model = (name == "llm" and c.llm_model) or (name == "reranker" and c.reranker_model)
+        return max(c.ready_timeout_s, c.model_ready_timeout_s) if loads_model else c.ready_timeout_s
+
+    def _wait_backends(self, procs: list[ManagedProcess]) -> None:
+        """Until each is ready (they start side by side), each within its own timeout; a
+        progress line every `progress_interval_s` for each not ready yet, and one when a
+        model has loaded. `ready_s` records how long each took."""
+        began = time.monotonic()
+        pending = {p.name: p for p in procs}
+        deadlines = {name: began + self._timeout(name) for name in pending}
+        next_note = began + self.config.progress_interval_s
+        while pending:
+            for name, proc in list(pending.items()):
+                if proc.ready_by(deadlines[name], self._timeout(name)):
+                    del pending[name]
+                    self.ready_s[name] = time.monotonic() - began
+                    self._ready(name)
+                    if "loading model" in self._loading(name):
+                        what = self._loading(name).split(": ", 1)[0]
+                        self.progress(f"{what}: model ready in {self.ready_s[name]:.1f} s")
+            now = time.monotonic()
+            if pending and now >= next_note:
+                for name in pending:
+                    self.progress(f"{self._loading(name)} … {now - began:.0f} s")
+                next_note += self.config.progress_interval_s
+            if pending:
+                time.sleep(0.1)
 
     def _launch(self, proc: ManagedProcess, url: str, wait: bool = True) -> None:
         self.children[proc.name] = Child(proc.start(), url)
@@ -373,10 +589,25 @@ class Stack:
             self._stop_children()
 
     def _stop_children(self) -> None:
-        """In reverse order of start, so nginx stops taking requests first."""
+        """In reverse order of start, so nginx stops taking requests first; the three
+        backends, started side by side, are stopped side by side (llm-svc on vLLM takes
+        seconds to end its engine processes)."""
         self.write_state()
-        for child in reversed(list(self.children.values())):
-            child.proc.stop()
+        order = list(reversed(list(self.children.items())))
+        for name, child in order:
+            if name in BACKENDS:  # nginx and the gateway are down by now
+                for other in (c for n, c in order if n in BACKENDS):
+                    other.proc.terminate()
+            began = time.monotonic()
+            # One still starting has no request to finish; a model load does not heed
+            # SIGTERM until it is done (uvicorn handles signals once its app started).
+            left = child.proc.stop(STARTING_STOP_S if child.state == "starting" else 15.0)
+            took = time.monotonic() - began
+            if took > 5:
+                self.progress(f"{name} took {took:.1f} s to stop")
+            if left:
+                self.leftovers[name] = left
+                log.error("%s: processes %s of its session survived SIGKILL", name, left)
             child.state = "down"
         if self._state != "failed":
             self._state = "stopped"

@@ -13,10 +13,16 @@ Per request:
 - The chat template is applied and the prompt tokenized once, on one worker thread: off
   the event loop, so a long prompt does not stall the other streams, and on one thread
   only, because Hugging Face fast tokenizers are not safe to call from several at once.
-- A prompt that leaves no room for one token in `max_model_len` is refused with 400
-  `prompt_too_long` before it reaches the engine. A prompt that fits but not with all of
-  `max_tokens` gets `max_tokens` cut to the room left, as `vllm serve` does; the answer
-  then ends with finish_reason `length`.
+- History is trimmed by the model's own token count: when the rendered prompt leaves less
+  than `max_tokens` of `max_model_len`, the oldest turns of the conversation are dropped
+  (a turn: a user message and what follows it up to the next one), never a system
+  message nor the last user message and what follows it, until prompt + `max_tokens`
+  fits or no turn is left (`fit_history`). The gateway trims history beforehand by an
+  estimate (it has no tokenizer); this is the exact step.
+- A prompt that, so trimmed, still leaves no room for one token in `max_model_len` is
+  refused with 400 `prompt_too_long` before it reaches the engine. A prompt that fits but
+  not with all of `max_tokens` gets `max_tokens` cut to the room left, as `vllm serve`
+  does; the answer then ends with finish_reason `length`.
 - Each sampling field is the request's value, else the model's generation config
   (`vllm_generation_config=auto`), else OpenAI's neutral value: the order `vllm serve`
   uses, so both answer alike. `logit_bias` is clamped to [-100, 100] and a JSON
@@ -34,14 +40,17 @@ Per request:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any
+
+from prometheus_client import Counter
 
 from ragline_common.errors import ApiError
 from ragline_common.wire import ChatMessage
@@ -49,6 +58,17 @@ from ragline_llm.engines.base import FinishReason, GenerationDelta, GenerationRe
 from ragline_llm.settings import LlmSettings
 
 log = logging.getLogger("ragline.llm.vllm")
+
+HISTORY_TRIMMED = Counter(
+    "ragline_llm_history_trimmed_total",
+    "Requests whose oldest conversation turns were dropped to fit the model's context",
+    ["engine"],
+)
+HISTORY_MESSAGES_DROPPED = Counter(
+    "ragline_llm_history_messages_dropped_total",
+    "Conversation messages dropped (oldest first) to fit the model's context",
+    ["engine"],
+)
 
 GIB = 1 << 30
 
@@ -131,6 +151,53 @@ def template_variables(request: GenerationRequest) -> dict[str, Any]:
         "reasoning_effort": request.reasoning_effort,
         "enable_thinking": request.reasoning_effort != "none",
     }
+
+
+def history_turns(messages: Sequence[ChatMessage]) -> list[list[int]]:
+    """The droppable turns of a conversation, oldest first, as lists of message indexes:
+    the messages before the last user message, cut where a user message starts a turn.
+    System (and developer) messages are in no turn: they are never dropped, nor is the
+    last user message or anything after it."""
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    turns: list[list[int]] = []
+    for i in range(last_user if last_user > 0 else 0):
+        if messages[i].role in ("system", "developer"):
+            continue
+        if not turns or messages[i].role == "user":
+            turns.append([])
+        turns[-1].append(i)
+    return turns
+
+
+def without_turns(
+    messages: Sequence[ChatMessage], turns: list[list[int]], dropped: int
+) -> list[ChatMessage]:
+    """`messages` less the `dropped` oldest of `turns`."""
+    gone = {i for turn in turns[:dropped] for i in turn}
+    return [m for i, m in enumerate(messages) if i not in gone]
+
+
+def fit_history(
+    messages: Sequence[ChatMessage],
+    count: Callable[[Sequence[ChatMessage]], int],
+    budget: int,
+) -> tuple[list[ChatMessage], int]:
+    """The fewest oldest turns to drop so that `count(messages) <= budget`, and how many
+    messages that dropped; every turn when even that is not enough (the caller then cuts
+    `max_tokens` or refuses). `count` is the prompt's length in the model's tokens; it is
+    called once when the conversation fits, else O(log turns) times (a binary search:
+    fewer turns never make a longer prompt)."""
+    turns = history_turns(messages)
+    if not turns or count(messages) <= budget:
+        return list(messages), 0
+    low, high = 1, len(turns)  # dropping `high` turns fits, or nothing does
+    while low < high:
+        mid = (low + high) // 2
+        if count(without_turns(messages, turns, mid)) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    return without_turns(messages, turns, high), sum(len(t) for t in turns[:high])
 
 
 def finish_reason(reason: str | None) -> FinishReason:
@@ -236,6 +303,37 @@ class VllmEngine:
         # The template writes the special tokens itself (e.g. BOS); do not add them twice.
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
+    def _prompt(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, its history trimmed to leave `max_tokens` of the
+        context (module docstring). Runs on the tokenize thread."""
+        variables = template_variables(request)
+        rendered: dict[int, list[int]] = {}
+
+        def count(messages: Sequence[ChatMessage]) -> int:
+            ids = self._render(messages, variables)
+            rendered[len(messages)] = ids
+            return len(ids)
+
+        budget = self._max_model_len - request.max_tokens
+        kept, dropped = fit_history(request.messages, count, budget)
+        if not dropped:
+            return rendered.get(len(kept)) or self._render(kept, variables)
+        HISTORY_TRIMMED.labels(self.name).inc()
+        HISTORY_MESSAGES_DROPPED.labels(self.name).inc(dropped)
+        ids = rendered.get(len(kept)) or self._render(kept, variables)
+        log.info(
+            "history trimmed to fit the context",
+            extra={
+                "id": request.request_id,
+                "messages_dropped": dropped,
+                "messages_kept": len(kept),
+                "prompt_tokens": len(ids),
+                "max_model_len": self._max_model_len,
+                "max_tokens": request.max_tokens,
+            },
+        )
+        return ids
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
         from vllm import SamplingParams
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
@@ -247,8 +345,9 @@ class VllmEngine:
         if engine is None or engine.errored:
             raise ApiError(503, "not_ready", "engine is not ready", {"Retry-After": "5"})
         loop = asyncio.get_running_loop()
+        # In this request's context, so that its log lines carry its request id.
         prompt_ids = await loop.run_in_executor(
-            self._tokenize_pool, self._render, request.messages, template_variables(request)
+            self._tokenize_pool, contextvars.copy_context().run, self._prompt, request
         )
         room = self._max_model_len - len(prompt_ids)
         if room < 1:
