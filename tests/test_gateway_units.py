@@ -183,3 +183,16 @@ def test_auto_ranking_skips_a_reranker_without_a_cross_encoder() -> None:
         assert resolve("auto", scorer) == "reranker"
     assert resolve("fused", "cross-encoder") == "fused"
     assert resolve("reranker", "bi-encoder") == "reranker"
+
+
+def test_a_follow_up_query_stays_within_the_retrievers_limit() -> None:
+    from ragline_common.wire import MAX_QUERY_CHARS
+    from ragline_gateway.memory import Turn
+    from ragline_gateway.rewrite import concatenated
+
+    assert concatenated("and then?", []) == "and then?"
+    assert concatenated("and then?", [Turn("Who was Rollo?", "x")]) == "Who was Rollo? and then?"
+    long = "w" * (MAX_QUERY_CHARS - 10)
+    query = concatenated(long, [Turn("Who was Rollo? " * 50, "x")])
+    assert len(query) <= MAX_QUERY_CHARS and query.endswith(long)
+    assert concatenated("q" * MAX_QUERY_CHARS, [Turn("earlier", "x")]) == "q" * MAX_QUERY_CHARS

@@ -16,6 +16,7 @@ from typing import Literal
 
 import anyio
 
+from ragline_common.wire import MAX_QUERY_CHARS
 from ragline_gateway.clients.base import UpstreamError
 from ragline_gateway.clients.llm import LlmClient
 from ragline_gateway.memory import Turn
@@ -31,7 +32,14 @@ _MAX_QUERY_CHARS = 1000
 
 
 def concatenated(question: str, history: list[Turn]) -> str:
-    return f"{history[-1].question} {question}" if history else question
+    """The previous question, then this one, within the retriever's query limit: this
+    question whole, the previous one cut to the room left (a long follow-up must not turn
+    into a 422 from the retriever)."""
+    if not history:
+        return question
+    room = MAX_QUERY_CHARS - len(question) - 1
+    previous = history[-1].question[: max(room, 0)].strip()
+    return f"{previous} {question}" if previous else question
 
 
 class QueryRewriter:
