@@ -350,6 +350,7 @@ def up(
     llm_engine: str | None = None,
     llm_model: str | None = None,
     reranker_model: str | None = None,
+    keys: Path | None = None,
 ) -> int:
     """The stack in the foreground until Ctrl-C or SIGTERM. The engine and models: the
     flags, else the environment (RAGLINE_LLM_ENGINE, RAGLINE_LLM_VLLM_MODEL,
@@ -363,7 +364,13 @@ def up(
         extra["llm"]["RAGLINE_LLM_ENGINE"] = llm_engine
     if reranker_model:
         extra["reranker"]["RAGLINE_RERANKER_MODEL"] = _model_arg(reranker_model)
-    config = StackConfig(extra_env={k: v for k, v in extra.items() if v})
+    if keys is not None and not keys.is_file():
+        print(f"ragline: --keys {keys}: no such file", file=sys.stderr)
+        return 2
+    config = StackConfig(
+        extra_env={k: v for k, v in extra.items() if v},
+        api_keys_file=keys.resolve() if keys is not None else None,
+    )
     if config.llm_engine == "vllm" and config.llm_model and not config.vllm_installed:
         print(f"building {config.vllm_venv} for vLLM (once: ~1.5 min, 3.4 GB) ...", flush=True)
         built = subprocess.run([str(REPO_ROOT / "scripts" / "bootstrap.sh"), "--vllm"])
@@ -400,8 +407,12 @@ def up(
             print(f"note: {' and '.join(missing)} not installed; running without (see README)")
         url = config.public_url
         if not no_ingest and not stack.failed.is_set():
-            docs, chunks = ingest(url, REPO_ROOT / "samples", "default")
-            print(f"ingested {docs} sample documents ({chunks} chunks) into 'default'")
+            if config.anonymous or os.environ.get("RAGLINE_API_KEY"):
+                docs, chunks = ingest(url, REPO_ROOT / "samples", "default")
+                print(f"ingested {docs} sample documents ({chunks} chunks) into 'default'")
+            else:
+                print("the gateway has keys: samples not ingested (set RAGLINE_API_KEY to an "
+                      "admin key of collection 'default' to have them)")  # fmt: skip
         if phase == "starting":
             phase = "running"
         if not stack.failed.is_set():
@@ -531,6 +542,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH_OR_ID",
         help="cross-encoder for reranker-svc (default: env RAGLINE_RERANKER_MODEL, else none)",
     )
+    p_up.add_argument(
+        "--keys",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the gateway's API keys file (`ragline keys new`); default: env "
+        "RAGLINE_GATEWAY_API_KEYS_FILE, else anonymous unless RAGLINE_GATEWAY_ALLOW_ANONYMOUS "
+        "is set",
+    )
     p_status = sub.add_parser("status", help="each process of the local stack, and the URL")
     p_ingest = sub.add_parser("ingest", help="ingest a file or a folder")
     p_ingest.add_argument("path", type=Path)
@@ -556,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return keys.run(args)
     if args.command == "up":
-        return up(args.no_ingest, args.llm_engine, args.llm_model, args.reranker_model)
+        return up(args.no_ingest, args.llm_engine, args.llm_model, args.reranker_model, args.keys)
     if args.command == "ingest" and not args.path.exists():
         parser.error(f"{args.path} does not exist")
     try:

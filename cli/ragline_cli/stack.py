@@ -125,6 +125,19 @@ class StackConfig:
     # Where llm-svc on vLLM runs from (scripts/bootstrap.sh --vllm builds it).
     vllm_venv: Path = VLLM_VENV
 
+    @property
+    def anonymous(self) -> bool:
+        """Whether the gateway runs without keys: only when neither a keys file (`--keys`,
+        RAGLINE_GATEWAY_API_KEYS_FILE) nor keys (RAGLINE_GATEWAY_API_KEYS) are given and the
+        environment does not set RAGLINE_GATEWAY_ALLOW_ANONYMOUS itself (`false` makes the
+        gateway refuse to start without keys, as it would in production)."""
+        if self.api_keys_file is not None:
+            return False
+        names = ("RAGLINE_GATEWAY_API_KEYS_FILE", "RAGLINE_GATEWAY_API_KEYS")
+        if any(os.environ.get(name) for name in names):
+            return False
+        return "RAGLINE_GATEWAY_ALLOW_ANONYMOUS" not in os.environ
+
     def setting(self, service: str, name: str) -> str:
         """A service's setting as its process will see it: `extra_env` wins over the
         environment of this process; empty when neither sets it."""
@@ -473,7 +486,7 @@ class Stack:
             }
             if c.api_keys_file is not None:
                 gateway_env["RAGLINE_GATEWAY_API_KEYS_FILE"] = str(c.api_keys_file)
-            else:
+            elif c.anonymous:
                 gateway_env["RAGLINE_GATEWAY_ALLOW_ANONYMOUS"] = "true"
             gateway_proc = self._service("gateway", "ragline_gateway", c.gateway_port, gateway_env)
             self._launch(gateway_proc, f"{local}:{c.gateway_port}")
