@@ -433,6 +433,26 @@ def test_search_dsl_of_each_filter_kind(
     assert sent.params["_source_excludes"] == [hidden]
 
 
+def test_document_ids_travel_as_json_values_never_as_query_syntax(es: StandIn) -> None:
+    """An id that would be syntax in a query string (issue 20) is a JSON value in `terms`
+    and `term` queries, which Elasticsearch compares as one exact keyword."""
+    hostile = 'x" or doc_id != "\\ OR *:* AND doc_id:[* TO *] é\U0001f600 (a)/b?c#d'
+    es.answer("POST", "/t-c/_search", search_answer)
+    index_exists(es, "c")
+    es.on("POST", "/t-c/_delete_by_query", body={"deleted": 1, "failures": []})
+
+    async def scenario(index: ElasticsearchIndex) -> None:
+        await index.search("c", "apples", 5, {"doc_id": [hostile, "apple"]})
+        assert await index.delete_document("c", hostile) == 1
+
+    run(es.url, scenario)
+    search = es.only("POST", "/t-c/_search").json()
+    assert search["query"]["bool"]["filter"] == [{"terms": {"doc_id": [hostile, "apple"]}}]
+    assert es.only("POST", "/t-c/_delete_by_query").json() == {
+        "query": {"term": {"doc_id": hostile}}
+    }
+
+
 def test_a_filter_that_cannot_match_sends_nothing(es: StandIn) -> None:
     async def scenario(index: ElasticsearchIndex) -> None:
         assert await index.search("c", "apples", 5, {"source": 5}) == []

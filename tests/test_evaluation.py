@@ -290,12 +290,16 @@ def test_loader_refuses_missing_files(tmp_path: Path) -> None:
 
 
 def test_ids_the_service_refuses_get_generated_ones() -> None:
-    ids = service_doc_ids(["Normans-0", "has space", "beir-0", ".hidden"])
-    assert ids["Normans-0"] == "Normans-0"
+    corpus = ["Normans-0", "Sky_(United_Kingdom)-3", "has space", "beir-0", ".hidden",
+              " padded ", "a/../b", "x" * 513]  # fmt: skip
+    ids = service_doc_ids(corpus)
+    for kept in ("Normans-0", "Sky_(United_Kingdom)-3", "has space", ".hidden"):
+        assert ids[kept] == kept  # valid ids (issue 20's rule) are kept as they are
     assert ids["beir-0"] == "beir-0"  # a valid id is kept, and not reused for another
-    assert ids["has space"] == "beir-1"
-    assert ids[".hidden"] == "beir-2"
-    assert len(set(ids.values())) == 4
+    assert ids[" padded "] == "beir-1"
+    assert ids["a/../b"] == "beir-2"
+    assert ids["x" * 513] == "beir-3"
+    assert len(set(ids.values())) == len(corpus)
 
 
 # --- the command, without loading anything ------------------------------------------------

@@ -36,6 +36,9 @@ from ragline_retriever.backends.milvus_index import (
     MilvusIndex,
     scalar_index_type,
 )
+from ragline_retriever.chunking import chunk_id as make_chunk_id
+
+from doc_id_samples import AWKWARD_IDS, SEED, random_doc_ids
 
 DIM = 4
 # Each doc: (doc_id, text, source, metadata, vector)
@@ -161,8 +164,8 @@ class Role:
             hits = await self.index.search(collection, query, limit, filters)
         return hits
 
-    async def ids(self, collection: str, filters: dict | None = None) -> set[str]:
-        return {h.chunk.doc_id for h in await self.search(collection, filters)}
+    async def ids(self, collection: str, filters: dict | None = None, limit: int = 10) -> set[str]:
+        return {h.chunk.doc_id for h in await self.search(collection, filters, limit)}
 
 
 BACKENDS = [f"lexical:{k}" for k in LEXICAL_KINDS] + [f"dense:{k}" for k in DENSE_KINDS]
@@ -324,6 +327,93 @@ def test_lexical_query_text_never_breaks_the_parser(lexical_factory: Factory) ->
         assert stemmed and stemmed[0].chunk.doc_id == "cherry"
 
     run(lexical_factory, scenario)
+
+
+# --- document ids as users have them (issue 20) ------------------------------------------
+
+# Ids (and metadata strings) that try to leave their string in a Milvus boolean expression,
+# an Elasticsearch query or tantivy's query syntax: each must match itself and only itself.
+INJECTIONS = [
+    'x" or doc_id != "',
+    'x\\" or doc_id != \\"',
+    '") or (doc_id != "',
+    "x' or doc_id != 'x",
+    "ends in a backslash\\",
+    '"',
+    "doc_id:*",
+    "* OR apple",
+    "apple OR banana",
+    "[* TO *]",
+    "%",
+    "a\\nb",  # a backslash and an n, not a line break
+    # Control characters: the API refuses them in ids, but metadata strings may hold them.
+    "two\nlines\tand a tab",
+    "durian\u0000",
+]
+
+
+def test_ids_that_try_to_inject_match_only_themselves(role_factory: Any) -> None:
+    async def scenario(role: Role) -> None:
+        name = unique("c")
+        await role.index.ensure_collection(name)
+        chunks, vectors = corpus()
+        hostile = [
+            chunk_of(d, f"Trees grow fruit near {i}.", "hostile", {"lang": d})
+            for i, d in enumerate(INJECTIONS)
+        ]
+        hostile_vectors = [[0.7, 0.3, 0.1 * i, 0.0] for i in range(len(hostile))]
+        await role.upsert(name, chunks + hostile, vectors + hostile_vectors)
+        plain = {d for d, *_ in DOCS}
+        assert await role.ids(name, limit=50) == plain | set(INJECTIONS)
+        for doc_id in INJECTIONS:
+            assert await role.ids(name, {"doc_id": doc_id}) == {doc_id}, doc_id
+            assert await role.ids(name, {"doc_id": [doc_id, "durian"]}) == {doc_id, "durian"}
+            assert await role.ids(name, {"lang": doc_id}) == {doc_id}, doc_id
+        assert await role.ids(name, {"doc_id": INJECTIONS}, limit=50) == set(INJECTIONS)
+        for doc_id in INJECTIONS:
+            assert await role.index.delete_document(name, doc_id) == 1, doc_id
+        assert await role.ids(name, limit=50) == plain
+
+    role_factory(scenario)
+
+
+def test_random_unicode_ids_round_trip(role_factory: Any) -> None:
+    """Property: random valid ids (doc_id_samples: astral characters, combining marks,
+    right-to-left scripts, URL and query syntax) and the awkward fixed ones are stored,
+    found by `doc_id` equality and membership, and deleted exactly, with chunk ids as the
+    retriever makes them (long ids get the hashed form)."""
+    doc_ids = random_doc_ids(24) + AWKWARD_IDS
+    print(f"document id seed {SEED} (RAGLINE_TEST_ID_SEED replays it)")
+
+    async def scenario(role: Role) -> None:
+        name = unique("c")
+        await role.index.ensure_collection(name)
+        chunks = [
+            Chunk(make_chunk_id(d, pos), d, f"Trees grow fruit, part {pos} of {i}.", pos,
+                  title=d, source=d, metadata={"name": d})
+            for i, d in enumerate(doc_ids)
+            for pos in (0, 1)
+        ]  # fmt: skip
+        vectors = [[1.0, 0.01 * i, 0.5, 0.0] for i in range(len(chunks))]
+        await role.upsert(name, chunks, vectors)
+        assert await role.index.chunk_ids(name) == {c.chunk_id for c in chunks}
+        everything = await role.search(name, {"doc_id": doc_ids}, limit=len(chunks))
+        by_id = {h.chunk.chunk_id: h.chunk for h in everything}
+        assert by_id == {c.chunk_id: c for c in chunks}  # every field round-trips
+        for doc_id in doc_ids[::3]:
+            found = await role.search(name, {"doc_id": doc_id})
+            assert sorted(h.chunk.position for h in found) == [0, 1], doc_id
+            assert {h.chunk.doc_id for h in found} == {doc_id}
+            assert await role.ids(name, {"source": doc_id}) == {doc_id}
+            assert await role.ids(name, {"name": doc_id}) == {doc_id}
+        gone = doc_ids[::2]
+        for doc_id in gone:
+            assert await role.index.delete_document(name, doc_id) == 2, doc_id
+        kept = set(doc_ids) - set(gone)
+        assert await role.ids(name, limit=len(chunks)) == kept
+        assert await role.index.chunk_ids(name) == {c.chunk_id for c in chunks if c.doc_id in kept}
+
+    role_factory(scenario)
 
 
 # --- ranges, typed equality, chunk ids ----------------------------------------------------

@@ -1,6 +1,14 @@
 """Reading files into ingestible documents: the id is the path relative to what was named,
 so re-ingesting the same folder replaces documents instead of duplicating them.
 
+The path is the id as it is wherever it is a valid document id (ragline_common.wire:
+spaces, parentheses, brackets, accents are all fine), so `Report (v2).pdf` and
+`Report [v2].pdf` stay two documents; only a name no id can be (a control character,
+whitespace at an end of it, over 512 bytes) is changed, by `doc_id_from_name`. Ids made
+by earlier versions, which replaced every character outside `A-Za-z0-9._:/@-` with `-`,
+are still valid ids: those documents stay reachable (and deletable) under them, but a
+re-ingest of a renamed-by-the-old-rule file now writes it under its own name.
+
 Text files (.md, .txt, .rst) are read here and sent as JSON documents in batches; HTML
 and PDF are uploaded as they are and parsed by the retriever, which knows those formats.
 """
@@ -19,6 +27,7 @@ UPLOAD_SUFFIXES = {".html": "text/html", ".htm": "text/html", ".pdf": "applicati
 
 
 def doc_id_for(path: Path, root: Path) -> str:
+    """The file's path relative to `root` (its name for a single file), `/`-separated."""
     rel = path.relative_to(root) if path != root else Path(path.name)
     return doc_id_from_name(rel.as_posix())
 

@@ -10,6 +10,7 @@ import math
 import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from pydantic import (
     AfterValidator,
@@ -29,29 +30,123 @@ from pydantic import (
 )
 
 COLLECTION_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
-DOC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,255}$"
+# Conversation ids (`conversation_id`, Open WebUI's chat id header) keep the narrow rule
+# document ids had before issue 20: they become parts of Redis keys and log fields.
+CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,255}$"
+
+# --- document ids ----------------------------------------------------------------------
+#
+# A document id is the user's own name for a document: any Unicode text of 1 to 512 bytes
+# of UTF-8 (file names, titles, `Sky (United Kingdom)-3`, `reports/2024 Q1.pdf`), but for
+# what cannot be safe:
+# - control characters: C0 (newline, tab, ...), DEL and C1 (U+0000-001F, U+007F-009F);
+#   the line and paragraph separators U+2028/U+2029; the bidirectional embeddings,
+#   overrides and isolates U+202A-202E and U+2066-2069 (they reorder the text shown after
+#   them in a log line or a terminal); lone surrogates (not Unicode text: no UTF-8 holds
+#   them);
+# - whitespace at either end (str.isspace: space, NBSP, U+2000-200A, U+3000, ...);
+#   whitespace inside is fine;
+# - a `.` or `..` segment between slashes (`a/../b`, `./a`, `a/.`): URL normalisation in
+#   nginx and httpx would turn it into another document, or another route.
+# In a URL path the id is one percent-encoded segment: `doc_id_path`.
+
+MAX_DOC_ID_BYTES = 512
+_UNSAFE_IN_ID = re.compile(
+    "[\\x00-\\x1f\\x7f-\\x9f"  # C0 controls, DEL, C1 controls
+    "\\u2028\\u2029"  # line and paragraph separators
+    "\\u202a-\\u202e\\u2066-\\u2069"  # bidirectional embeddings, overrides, isolates
+    "\\ud800-\\udfff]"  # lone surrogates
+)
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def doc_id_problem(value: str) -> str | None:
+    """Why `value` is not a valid document id (a sentence for the 422), or None."""
+    if not value:
+        return "a document id must not be empty"
+    unsafe = _UNSAFE_IN_ID.search(value)
+    if unsafe and 0xD800 <= ord(unsafe[0]) <= 0xDFFF:
+        where = unsafe.start()
+        return f"a document id must be Unicode text (a lone surrogate at character {where})"
+    if unsafe:
+        return (
+            f"a document id must not contain control characters (U+{ord(unsafe[0]):04X} at "
+            f"character {unsafe.start()})"
+        )
+    size = len(value.encode("utf-8"))
+    if size > MAX_DOC_ID_BYTES:
+        return f"a document id is at most {MAX_DOC_ID_BYTES} bytes of UTF-8; this one has {size}"
+    if value.strip() != value:
+        return "a document id must not begin or end with whitespace"
+    if _DOT_SEGMENTS.intersection(value.split("/")):
+        return "a document id must not contain '.' or '..' path segments (as in 'a/../b')"
+    return None
+
+
+def is_doc_id(value: str) -> bool:
+    return doc_id_problem(value) is None
 
 
 def check_doc_id(value: str) -> str:
-    """Ids may look like paths, but not hold `.` or `..` segments: URL normalisation (in
-    nginx, httpx) would turn `a/../b` into another document, or another route."""
-    if any(part in {".", ".."} for part in value.split("/")):
-        raise ValueError("a document id must not contain '.' or '..' path segments")
+    """The validator of `DocId` (and of ids in a URL path or query)."""
+    problem = doc_id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:/@-]+")
+def check_optional_doc_id(value: str | None) -> str | None:
+    return None if value is None else check_doc_id(value)
+
+
+def doc_id_path(doc_id: str) -> str:
+    """The id as one segment of a URL path: percent-encoded as UTF-8, every character but
+    ASCII letters, digits and `-._~` (so `/`, `%`, `?`, `#`, space and `+` are encoded).
+    Routes take it so (`/documents/{doc_id:path}` decodes it once), and the gateway builds
+    the retriever's URL so."""
+    return quote(doc_id, safe="")
+
+
+def _cut_utf8(text: str, limit: int) -> str:
+    """The longest prefix of `text` of at most `limit` bytes of UTF-8."""
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
 def doc_id_from_name(name: str) -> str:
     """A document id from a file name or relative path, so re-sending the same file
-    replaces the document: characters an id cannot hold become '-', and the id starts
-    with a letter or digit."""
-    cleaned = _UNSAFE_ID_CHARS.sub("-", name.replace("\\", "/")).lstrip("-._/:@")[:256]
-    return cleaned or "document"
+    replaces the document: the name itself where it is a valid id (`Report (v2).pdf` and
+    `Report [v2].pdf` stay two documents). Otherwise the nearest valid id: control
+    characters become '-', the id is cut to 512 bytes, whitespace at its ends and `.`/`..`
+    segments are dropped; "document" when nothing is left."""
+    if is_doc_id(name):
+        return name
+    cleaned = _UNSAFE_IN_ID.sub("-", name)
+    cleaned = _cut_utf8(cleaned, MAX_DOC_ID_BYTES)
+    while True:  # each pass only shortens it, so this ends
+        parts = [part for part in cleaned.strip().split("/") if part not in _DOT_SEGMENTS]
+        shorter = "/".join(parts).strip()
+        if shorter == cleaned:
+            break
+        cleaned = shorter
+    return cleaned if is_doc_id(cleaned) else "document"
 
 
-DocId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
+DocId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_DOC_ID_BYTES),
+    AfterValidator(check_doc_id),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_DOC_ID_BYTES,
+            "description": (
+                "1 to 512 bytes of UTF-8; no control characters, no whitespace at either "
+                "end, no '.' or '..' segment between slashes"
+            ),
+        }
+    ),
+]
 
 CollectionName = Annotated[str, StringConstraints(pattern=COLLECTION_PATTERN)]
 MetadataValue = str | int | float | bool

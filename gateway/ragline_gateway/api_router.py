@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from ragline_common.disconnects import unless_disconnected
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
-from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN
+from ragline_common.wire import COLLECTION_PATTERN, CONVERSATION_ID_PATTERN
 from ragline_gateway import openai_policy
 from ragline_gateway.admission import Admission, Ticket, chat_caller
 from ragline_gateway.auth import Caller
@@ -152,7 +152,7 @@ async def _openai_question(
     if asked is not None and not _valid(COLLECTION_PATTERN, asked):
         raise ApiError(404, "collection_not_found", f"no model or collection named {asked!r}")
     conversation_id = body.conversation_id or request.headers.get("x-openwebui-chat-id") or None
-    if conversation_id is not None and not _valid(DOC_ID_PATTERN, conversation_id):
+    if conversation_id is not None and not _valid(CONVERSATION_ID_PATTERN, conversation_id):
         raise ApiError(422, "invalid_request", "the chat id header is not a valid conversation id")
     collection = caller.collection(asked)
     return Question(

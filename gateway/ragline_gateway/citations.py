@@ -5,7 +5,8 @@
   the numbering of the rest. The URL is the document's own with a fragment naming the
   chunk (`https://example.com/article#chunk-3`; a fragment the document's URL already
   had is replaced), or `ragline:doc/<doc id>#chunk-3` for a document ingested without
-  one. Stable: the same passage of the same document version always has the same URL.
+  one (the id percent-encoded where it holds more than letters, digits and `-._~:/@`).
+  Stable: the same passage of the same document version always has the same URL.
 - The title is the document's title, without the "[n] " the answer cites it by (a UI
   shows its own number in front).
 - `start_index`/`end_index` are the span of a citation marker in the answer's content,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote
 
 from ragline_gateway.pipeline import Source
 
@@ -85,10 +87,22 @@ def drop_unknown_citations(text: str, numbers: Iterable[int]) -> str:
     return citations.feed(text) + citations.flush()
 
 
+# Left as they are in a `ragline:doc/` URL, so an id of letters, digits and `-._~:/@`
+# keeps the URL it always had; anything else (space, `#`, `?`, `%`, accents) is
+# percent-encoded as UTF-8, so the URL stays one valid URL.
+_URL_SAFE = ":/@"
+
+
 def passage_url(source: Source) -> str:
     doc_id, sep, position = source.chunk_id.rpartition("#")
-    chunk = f"chunk-{position}" if sep and doc_id == source.doc_id else source.chunk_id
-    base = source.url.partition("#")[0] if source.url else f"ragline:doc/{source.doc_id}"
+    if sep and doc_id == source.doc_id:
+        chunk = f"chunk-{position}"
+    else:  # a chunk id of another form (a long id's hashed one): it names the passage
+        chunk = quote(source.chunk_id, safe=_URL_SAFE)
+    if source.url:
+        base = source.url.partition("#")[0]
+    else:
+        base = f"ragline:doc/{quote(source.doc_id, safe=_URL_SAFE)}"
     return f"{base}#{chunk}"
 
 

@@ -16,9 +16,15 @@ from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from pydantic import AfterValidator
 
+from ragline_common import routing  # noqa: F401  (the `doc_id` path convertor)
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
-from ragline_common.wire import COLLECTION_PATTERN, DOC_ID_PATTERN, check_doc_id
+from ragline_common.wire import (
+    COLLECTION_PATTERN,
+    MAX_DOC_ID_BYTES,
+    check_doc_id,
+    doc_id_path,
+)
 from ragline_gateway.admission import admin_caller, admin_reader
 from ragline_gateway.auth import Caller
 from ragline_gateway.clients.base import UpstreamError
@@ -29,7 +35,12 @@ Admin = Annotated[Caller, Depends(admin_caller)]
 AdminRead = Annotated[Caller, Depends(admin_reader)]
 
 Collection = Annotated[str, Path(pattern=COLLECTION_PATTERN)]
-DocId = Annotated[str, Path(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
+# The id arrives percent-encoded as one path segment (`/` as %2F; a client that leaves its
+# slashes plain reaches the same route), decoded once by the server: any valid document id
+# (ragline_common.wire), checked here so nothing else reaches the internal API.
+DocId = Annotated[
+    str, Path(min_length=1, max_length=MAX_DOC_ID_BYTES), AfterValidator(check_doc_id)
+]
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 
 # Ingest and verify read or write whole collections: give them time.
@@ -120,12 +131,13 @@ async def ingest_file(collection: Collection, request: Request, caller: Admin) -
     return await _pass(request, f"/v1/collections/{collection}/files")
 
 
-@router.delete("/collections/{collection}/documents/{doc_id:path}")
+@router.delete("/collections/{collection}/documents/{doc_id:doc_id}")
 async def delete_document(
     collection: Collection, doc_id: DocId, request: Request, caller: Admin
 ) -> Response:
     caller.collection(collection)
-    return await _pass(request, f"/v1/collections/{collection}/documents/{doc_id}")
+    # Encoded again, whole, by us: `/`, `%`, `?`, `#` in an id stay part of the id.
+    return await _pass(request, f"/v1/collections/{collection}/documents/{doc_id_path(doc_id)}")
 
 
 @router.get("/collections/{collection}/verify")

@@ -9,7 +9,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
 
 from ragline_common.wire import (
-    DOC_ID_PATTERN,
+    CONVERSATION_ID_PATTERN,
     CollectionName,
     Filters,
     LogitBias,
@@ -17,7 +17,7 @@ from ragline_common.wire import (
     ResponseFormat,
 )
 
-ConversationId = Annotated[str, StringConstraints(pattern=DOC_ID_PATTERN)]
+ConversationId = Annotated[str, StringConstraints(pattern=CONVERSATION_ID_PATTERN)]
 
 
 class EncodableRequest(BaseModel):

@@ -8,11 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import AfterValidator
 
+from ragline_common import routing  # noqa: F401  (the `doc_id` path convertor)
 from ragline_common.errors import ApiError
 from ragline_common.responses import JsonResponse
 from ragline_common.wire import (
     COLLECTION_PATTERN,
-    DOC_ID_PATTERN,
+    MAX_DOC_ID_BYTES,
     CollectionInfo,
     CollectionsResponse,
     DeleteResponse,
@@ -21,6 +22,7 @@ from ragline_common.wire import (
     RetrieveRequest,
     RetrieveResponse,
     check_doc_id,
+    check_optional_doc_id,
 )
 from ragline_retriever import ingest as ingesting
 from ragline_retriever import uploads
@@ -38,7 +40,10 @@ from ragline_retriever.verify import verify
 router = APIRouter()
 
 CollectionPath = Annotated[str, Path(pattern=COLLECTION_PATTERN)]
-DocIdPath = Annotated[str, Path(pattern=DOC_ID_PATTERN), AfterValidator(check_doc_id)]
+# Percent-encoded as one path segment (ragline_common.wire.doc_id_path), decoded once.
+DocIdPath = Annotated[
+    str, Path(min_length=1, max_length=MAX_DOC_ID_BYTES), AfterValidator(check_doc_id)
+]
 JobIdPath = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
 
 
@@ -62,7 +67,7 @@ async def post_documents(
 
 
 @router.delete(
-    "/v1/collections/{collection}/documents/{doc_id:path}", response_model=DeleteResponse
+    "/v1/collections/{collection}/documents/{doc_id:doc_id}", response_model=DeleteResponse
 )
 async def delete_document(
     collection: CollectionPath, doc_id: DocIdPath, request: Request
@@ -84,7 +89,9 @@ async def post_file(
     collection: CollectionPath,
     request: Request,
     filename: Annotated[str, Query(max_length=1000)] = "",
-    id: Annotated[str | None, Query(pattern=DOC_ID_PATTERN)] = None,
+    id: Annotated[
+        str | None, Query(max_length=MAX_DOC_ID_BYTES), AfterValidator(check_optional_doc_id)
+    ] = None,
     title: Annotated[str | None, Query(max_length=1000)] = None,
     url: Annotated[str, Query(max_length=2000)] = "",
     source: Annotated[str | None, Query(max_length=1000)] = None,

@@ -33,6 +33,7 @@ produces the same ids and overwrites instead of duplicating.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -53,9 +54,28 @@ class TextChunk:
     text: str
 
 
+# Elasticsearch's limit on `_id` (the chunk id there), and the width of Milvus' chunk_id.
+MAX_CHUNK_ID_BYTES = 512
+
+
 def chunk_id(doc_id: str, position: int) -> str:
-    """A stable id: document ids exclude '#', so the split back is unambiguous."""
-    return f"{doc_id}#{position}"
+    """A stable id, `<doc id>#<position>`: the position follows the last '#' (a document id
+    may hold '#' itself).
+
+    Where that would pass MAX_CHUNK_ID_BYTES (document ids of up to 512 bytes are valid, so
+    only those near the limit), it is `<the id's start>/./<SHA-256 of the id, 32 hex
+    digits>#<position>`, cut to fit on a character boundary: the `.` segment, which no
+    valid document id holds, keeps it from ever equalling another document's plain chunk
+    id, and the digest keeps two long ids with one start apart.
+    """
+    plain = f"{doc_id}#{position}"
+    if len(plain.encode("utf-8")) <= MAX_CHUNK_ID_BYTES:
+        return plain
+    digest = hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:32]
+    tail = f"/./{digest}#{position}"
+    room = MAX_CHUNK_ID_BYTES - len(tail)
+    head = doc_id.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+    return head + tail
 
 
 def code_fence_flags(lines: list[str]) -> list[bool]:

@@ -7,8 +7,10 @@ are scanned in Python, ~15x slower to search); a server seals segments itself (a
 costs it ~3 s, and frequent flushes leave it many tiny segments). On a server, searches
 read at Bounded consistency, and at Strong for a while after this process wrote to the
 collection (`_STRONG_READS_S`), so a search sees the ingest or delete before it. Filter
-values are written into the expression as JSON literals, because Milvus Lite rejects
-expression templates; keys come from the validated filter field pattern.
+values (document ids among them) are written into the expression as string literals
+escaped by `_literal`, because neither Milvus Lite nor Milvus 2.3 takes expression
+templates (`filter_params`: "unexpected character '{'"); keys come from the validated
+filter field pattern.
 
 Milvus compares JSON values loosely (`metadata["k"] == 1` matches true, `>= 0` matches
 false), so numbers, booleans and ranges read the hidden JSON fields (`metadata_numbers`,
@@ -138,8 +140,21 @@ def scalar_index_type(version: str) -> str | None:
     return None
 
 
+# How a string literal's characters are written in an expression: a backslash and a
+# double quote escaped (so no value can end the literal and go on as expression: an id
+# `x" or doc_id != "` is one string), line breaks and tabs as \n \r \t (a raw line break
+# ends a literal), every other character as it is. Both parsers take exactly these
+# escapes: Milvus Lite refuses \u, \x and octal ones, so JSON's ensure_ascii form
+# (`"\u00e9"`) made any accented value fail there (measured, Milvus Lite 3.2.2 and Milvus
+# 2.3.5).
+_STRING_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def _literal(value: MetadataValue) -> str:
-    """A Milvus expression literal; JSON string escaping is what its parser accepts."""
+    """A Milvus expression literal: a double-quoted string (`_STRING_ESCAPES`), or a
+    number or boolean as JSON writes it."""
+    if isinstance(value, str):
+        return f'"{value.translate(_STRING_ESCAPES)}"'
     return json.dumps(value)
 
 

@@ -14,16 +14,14 @@ official scoring) and for queries not in `queries.jsonl` (skipped: there is no t
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ragline_common.wire import DOC_ID_PATTERN, MAX_QUERY_CHARS
+from ragline_common.wire import MAX_QUERY_CHARS, is_doc_id
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
-_DOC_ID = re.compile(DOC_ID_PATTERN)
 
 
 class DatasetError(ValueError):
@@ -192,11 +190,13 @@ def load_beir(directory: Path, split: str = "test") -> BeirDataset:
 def service_doc_ids(corpus_ids: list[str]) -> dict[str, str]:
     """Corpus id → the document id to ingest under.
 
-    The service accepts ids matching `DOC_ID_PATTERN`; a corpus id that does not (spaces,
-    a leading dot, over 256 characters) gets a generated one, and the harness maps hits
-    back. Valid ids are kept, so a kept index (`--keep`) shows the data set's own ids.
+    The service accepts any id `is_doc_id` accepts (ragline_common.wire: parentheses,
+    spaces and accents included); a corpus id that it refuses (a control character,
+    whitespace at an end, a `..` segment, over 512 bytes) gets a generated one, and the
+    harness maps hits back. Valid ids are kept, so a kept index (`--keep`) shows the data
+    set's own ids.
     """
-    taken = {i for i in corpus_ids if _DOC_ID.fullmatch(i)}
+    taken = {i for i in corpus_ids if is_doc_id(i)}
     mapping: dict[str, str] = {}
     counter = 0
     for corpus_id in corpus_ids:
