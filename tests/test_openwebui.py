@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,25 @@ def ask(page: Any, question: str, answers_before: int) -> Any:
         answers_before
     ).wait_for()
     page.get_by_role("button", name="Regenerate").wait_for()
+    # The Regenerate button of an earlier answer may still be on the page while this one
+    # streams: the answer is complete when its text stops growing.
+    settled(answer)
     return answer
+
+
+def settled(answer: Any, quiet_s: float = 1.5, within_s: float = 90.0) -> str:
+    """The answer's text once it has not changed for `quiet_s` (the extractive engine
+    sends a token every few milliseconds), polled; fails after `within_s`."""
+    deadline = time.monotonic() + within_s
+    text, since = answer.inner_text(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)  # a poll interval, not a synchronisation: the loop checks the state
+        now = answer.inner_text()
+        if now != text:
+            text, since = now, time.monotonic()
+        elif text.strip() and time.monotonic() - since >= quiet_s:
+            return text
+    raise AssertionError(f"the answer kept changing for {within_s} s: {text[-200:]!r}")
 
 
 def ragline_answer(gateway: Any, messages: list[dict[str, str]]) -> dict[str, Any]:
@@ -206,7 +225,7 @@ def test_open_webui_answers_cites_and_follows_up_with_default_settings(
 
     # A follow-up in the same chat is answered, with its own sources.
     follow_up = ask(page, FOLLOW_UP, answers_before=1)
-    assert "round dance" in follow_up.inner_text().lower()
+    assert "round dance" in settled(follow_up).lower()
 
     # Nothing Open WebUI sent got a 4xx or 5xx; its title, tag and follow-up tasks went to
     # the generation model (no retrieval): two questions, plus the reference answer above.
