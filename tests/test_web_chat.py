@@ -317,9 +317,9 @@ XSS_DOCS = [
         "title": f"Zephyr {XSS_IMG}{XSS_SCRIPT} valve",
         "url": "javascript:window.__pwned=1",
         "text": (
-            f"The zephyr valve opens at dawn {XSS_IMG} every day. "
-            f"The zephyr valve closes at dusk {XSS_SCRIPT} every evening. "
-            "The zephyr valve manual is at [zephyr manual](javascript:window.__pwned=1) "
+            # One sentence, so that the answer (the sentence that best answers) holds it all.
+            f"The zephyr valve opens at dawn {XSS_IMG} and closes at dusk {XSS_SCRIPT}; "
+            "its manual is at [zephyr manual](javascript:window.__pwned=1) "
             "and at [the zephyr site](https://example.com/zephyr-valve) for everyone."
         ),
     },
@@ -357,13 +357,19 @@ def test_documents_and_answers_cannot_inject_html(chat: Chat, public_url: str) -
     assert site.get_attribute("rel") == "noopener noreferrer"
     hostile = page.locator("#sources li", has_text="Zephyr <img")
     assert hostile.locator("a").count() == 0  # its url is javascript:
-    plain = page.locator("#sources li", has_text="Zephyr valve history").locator("a")
-    assert plain.get_attribute("href") == "https://example.com/zephyr-history"
-    assert plain.get_attribute("rel") == "noopener noreferrer"
     turn.get_by_text("zephyr manual", exact=False).first.click()
     hostile.click()
     assert page.evaluate("() => typeof window.__pwned") == "undefined"
     assert page.url == f"{public_url}/?collection=webxss"
+    # A source with an http(s) URL is a link (asked for on its own: the relevance cut-off
+    # leaves it out of the first answer, whose top source is far ahead of it).
+    chat.ask("Who designed the zephyr valve in 1931?")
+    poll(lambda: page.locator("#sources li", has_text="Zephyr valve history").count() > 0,
+         60, "the history document among the sources")  # fmt: skip
+    plain = page.locator("#sources li", has_text="Zephyr valve history").locator("a")
+    assert plain.get_attribute("href") == "https://example.com/zephyr-history"
+    assert plain.get_attribute("rel") == "noopener noreferrer"
+    assert page.evaluate("() => typeof window.__pwned") == "undefined"
     chat.assert_clean()
 
 
