@@ -11,11 +11,7 @@ them. What the client gets is checked on both endpoints, streamed and not.
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -27,6 +23,7 @@ from ragline_common.passages import DONT_KNOW, parse_sources
 from ragline_gateway.citations import MARKER, CitationFilter, drop_unknown_citations
 from ragline_gateway.prompt import SYSTEM_PROMPT
 
+from recording_llm import RecordingLlm, recording_llm
 from service_helpers import chat_events, event, gateway_env, running_service
 
 MODEL = "miscounting-llm"
@@ -53,71 +50,20 @@ def expected(sources: int) -> str:
     return f"Bees dance [1] and turn. The angle [{sources}] gives the direction."
 
 
-@dataclass
-class Recorder:
-    url: str = ""
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _stream_body(texts: list[str]) -> bytes:
-    head = {"id": "chatcmpl-rec", "object": "chat.completion.chunk", "created": 0,
-            "model": MODEL}  # fmt: skip
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-    frames = [chunk({"role": "assistant", "content": ""})]
-    frames += [chunk({"content": text}) for text in texts]
-    frames.append(chunk({}, "stop"))
-    usage = {"prompt_tokens": 10, "completion_tokens": len(texts),
-             "total_tokens": 10 + len(texts)}  # fmt: skip
-    frames.append({**head, "choices": [], "usage": usage})
-    return b"".join(b"data: " + orjson.dumps(f) + b"\n\n" for f in frames) + b"data: [DONE]\n\n"
-
-
 @pytest.fixture(scope="module")
-def recorder() -> Iterator[Recorder]:
-    record = Recorder()
+def recorder() -> Iterator[RecordingLlm]:
+    def answer(body: dict[str, Any]) -> list[str]:
+        passages, _ = parse_sources(body["messages"][-1]["content"])
+        return pieces(len(passages))
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _send(self, body: bytes, content_type: str) -> None:
-            self.send_response(200)
-            self.send_header("content-type", content_type)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            if self.path == "/v1/models":
-                models = {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
-                self._send(orjson.dumps(models), "application/json")
-            else:
-                self._send(b'{"status": "ready"}', "application/json")
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            record.bodies.append(body)
-            passages, _ = parse_sources(body["messages"][-1]["content"])
-            self._send(_stream_body(pieces(len(passages))), "text/event-stream")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    record.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with recording_llm(MODEL, answer) as record:
         yield record
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
-def gw(stack: Stack, recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gw(
+    stack: Stack, recorder: RecordingLlm, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("citations")
     env = gateway_env(
         stack.config, llm_url=recorder.url, allow_anonymous="true", cache_ttl_s="0",
@@ -168,7 +114,9 @@ def test_the_filter_drops_unknown_citations_however_the_tokens_split() -> None:
 # --- through a gateway --------------------------------------------------------------------
 
 
-def test_the_prompt_asks_for_citations_of_the_numbered_sources(gw: str, recorder: Recorder) -> None:
+def test_the_prompt_asks_for_citations_of_the_numbered_sources(
+    gw: str, recorder: RecordingLlm
+) -> None:
     r = httpx.post(f"{gw}/v1/chat/completions", json=openai_body(), timeout=60)
     assert r.status_code == 200, r.text
     system, *_, user = recorder.bodies[-1]["messages"]

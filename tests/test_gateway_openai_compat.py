@@ -11,11 +11,7 @@ that what reaches llm-svc and where the markers stand are known exactly.
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -26,6 +22,7 @@ import pytest
 from ragline_cli.stack import Stack
 from ragline_llm.engines.extractive import NO_GENERATION
 
+from recording_llm import RecordingLlm, recording_llm
 from service_helpers import assert_error, gateway_env, metric, running_service
 
 QUESTION = "How do honeybees tell each other where flowers are?"
@@ -73,74 +70,16 @@ TITLE_TASK = (
 # --- a recording llm-svc ------------------------------------------------------------------
 
 
-@dataclass
-class Recorder:
-    url: str = ""
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _frame(payload: Any) -> bytes:
-    return b"data: " + (payload if isinstance(payload, bytes) else orjson.dumps(payload)) + b"\n\n"
-
-
-def _stream_body() -> bytes:
-    head = {"id": "chatcmpl-rec", "object": "chat.completion.chunk", "created": 0,
-            "model": RECORDER_MODEL}  # fmt: skip
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-    frames = [chunk({"role": "assistant", "content": ""})]
-    frames += [chunk({"content": piece}) for piece in ANSWER_PIECES]
-    frames.append(chunk({}, "stop"))
-    usage = {"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22}
-    frames.append({**head, "choices": [], "usage": usage})
-    return b"".join(_frame(f) for f in frames) + _frame(b"[DONE]")
-
-
 @pytest.fixture(scope="module")
-def recorder() -> Iterator[Recorder]:
-    record = Recorder()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as llm-svc
-
-        def _send(self, body: bytes, content_type: str) -> None:
-            self.send_response(200)
-            self.send_header("content-type", content_type)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            if self.path == "/v1/models":
-                models = {"object": "list", "data": [{"id": RECORDER_MODEL, "object": "model"}]}
-                self._send(orjson.dumps(models), "application/json")
-            else:  # /readyz, the gateway's health probe
-                self._send(b'{"status": "ready"}', "application/json")
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            record.bodies.append(body)
-            self._send(_stream_body(), "text/event-stream")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    record.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+def recorder() -> Iterator[RecordingLlm]:
+    with recording_llm(RECORDER_MODEL, lambda body: ANSWER_PIECES) as record:
         yield record
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
-def gw(stack: Stack, recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gw(
+    stack: Stack, recorder: RecordingLlm, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A gateway on the recorder, with a collection holding one document of two chunks."""
     tmp = tmp_path_factory.mktemp("openai-compat")
     # Both chunks are sources (no relevance cut-off): the recorder cites [1] and [2], and
@@ -202,7 +141,7 @@ def retrievals(stack: Stack) -> float:
 
 @pytest.mark.parametrize("tool_choice", [None, "auto", "none"], ids=["absent", "auto", "none"])
 def test_tools_are_accepted_and_ignored_unless_a_call_is_forced(
-    gw: str, recorder: Recorder, tool_choice: str | None
+    gw: str, recorder: RecordingLlm, tool_choice: str | None
 ) -> None:
     fields: dict[str, Any] = {"tools": OPEN_WEBUI_TOOLS}
     if tool_choice is not None:
@@ -223,7 +162,7 @@ def test_tools_are_accepted_and_ignored_unless_a_call_is_forced(
     ids=["required", "named"],
 )
 def test_a_forced_tool_call_is_refused_before_any_work(
-    gw: str, stack: Stack, recorder: Recorder, fields: dict[str, Any]
+    gw: str, stack: Stack, recorder: RecordingLlm, fields: dict[str, Any]
 ) -> None:
     calls, searched = len(recorder.bodies), retrievals(stack)
     response = ask(gw, tools=OPEN_WEBUI_TOOLS, **fields)
@@ -262,7 +201,7 @@ GENERATION_OPTIONS = {
 
 
 @pytest.mark.parametrize("model", [COLLECTION, RECORDER_MODEL], ids=["with-kb", "without-kb"])
-def test_generation_options_reach_llm_svc(gw: str, recorder: Recorder, model: str) -> None:
+def test_generation_options_reach_llm_svc(gw: str, recorder: RecordingLlm, model: str) -> None:
     response = ask(gw, model=model, **GENERATION_OPTIONS)
     assert response.status_code == 200, response.text
     sent = recorder.bodies[-1]
@@ -272,7 +211,7 @@ def test_generation_options_reach_llm_svc(gw: str, recorder: Recorder, model: st
 
 
 def test_unknown_and_openai_only_fields_are_accepted_and_ignored(
-    gw: str, recorder: Recorder
+    gw: str, recorder: RecordingLlm
 ) -> None:
     ignored = {
         "store": True, "metadata": {"app": "x"}, "service_tier": "auto", "user": "u-1",
@@ -299,7 +238,7 @@ def test_the_generation_model_is_listed(gw: str) -> None:
     ids=["generation-model", "use_knowledge_base-false"],
 )
 def test_without_the_knowledge_base_the_messages_go_straight_through(
-    gw: str, stack: Stack, recorder: Recorder, fields: dict[str, Any]
+    gw: str, stack: Stack, recorder: RecordingLlm, fields: dict[str, Any]
 ) -> None:
     messages = [
         {"role": "system", "content": "You write titles."},
@@ -321,7 +260,7 @@ def test_without_the_knowledge_base_the_messages_go_straight_through(
     assert retrievals(stack) == searched  # no retrieval, no rerank
 
 
-def test_use_knowledge_base_true_on_the_generation_model(gw: str, recorder: Recorder) -> None:
+def test_use_knowledge_base_true_on_the_generation_model(gw: str, recorder: RecordingLlm) -> None:
     response = ask(gw, model=RECORDER_MODEL, use_knowledge_base=True, collection=COLLECTION)
     assert response.status_code == 200, response.text
     assert [s["doc_id"] for s in response.json()["sources"]] == ["bees.md", "bees.md"]

@@ -12,11 +12,7 @@ read as relevance).
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +24,7 @@ from ragline_cli.stack import Stack
 from ragline_common.passages import parse_sources
 from ragline_reranker.tiny import build_tiny_cross_encoder
 
+from recording_llm import RecordingLlm, recording_llm
 from service_helpers import Service, chat_events, event, gateway_env, metric, running_service
 
 QUESTION = "How do honeybees tell each other where flowers are?"
@@ -36,66 +33,22 @@ SAMPLES = 5  # documents of the session stack's `default` collection, one chunk 
 ANSWER = "They dance [1]."
 
 
-@dataclass
-class Recorder:
-    url: str = ""
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-
-    def prompt_passages(self) -> list[tuple[int, str]]:
-        """(n, title) of the passages in the last prompt sent to llm-svc."""
-        passages, question = parse_sources(self.bodies[-1]["messages"][-1]["content"])
-        assert question == QUESTION
-        return [(p.n, p.title) for p in passages]
-
-
-def _stream() -> bytes:
-    head = {"id": "chatcmpl-rec", "object": "chat.completion.chunk", "created": 0,
-            "model": "recorder-llm"}  # fmt: skip
-    frames = [
-        {**head, "choices": [{"index": 0, "delta": {"content": ANSWER}, "finish_reason": None}]},
-        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
-    ]
-    return b"".join(b"data: " + orjson.dumps(f) + b"\n\n" for f in frames) + b"data: [DONE]\n\n"
+def prompt_passages(recorder: RecordingLlm) -> list[tuple[int, str]]:
+    """(n, title) of the passages in the last prompt sent to the model."""
+    passages, question = parse_sources(recorder.bodies[-1]["messages"][-1]["content"])
+    assert question == QUESTION
+    return [(p.n, p.title) for p in passages]
 
 
 @pytest.fixture(scope="module")
-def recorder() -> Iterator[Recorder]:
-    record = Recorder()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _send(self, body: bytes, content_type: str) -> None:
-            self.send_response(200)
-            self.send_header("content-type", content_type)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            body = {"object": "list", "data": [{"id": "recorder-llm", "object": "model"}]}
-            self._send(orjson.dumps(body), "application/json")
-
-        def do_POST(self) -> None:
-            record.bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            self._send(_stream(), "text/event-stream")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    record.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+def recorder() -> Iterator[RecordingLlm]:
+    with recording_llm("recorder-llm", lambda body: [ANSWER]) as record:
         yield record
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
-def _gateway(stack: Stack, recorder: Recorder, log_dir: Path, name: str, **settings: str) -> Any:
+def _gateway(
+    stack: Stack, recorder: RecordingLlm, log_dir: Path, name: str, **settings: str
+) -> Any:
     env = gateway_env(
         stack.config, llm_url=recorder.url, allow_anonymous="true", cache_ttl_s="0",
         requests_per_minute="0", max_streams_per_key="0", **settings,
@@ -104,7 +57,9 @@ def _gateway(stack: Stack, recorder: Recorder, log_dir: Path, name: str, **setti
 
 
 @pytest.fixture(scope="module")
-def gw(stack: Stack, recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gw(
+    stack: Stack, recorder: RecordingLlm, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A gateway with the default settings, on the session stack's reranker (no model)."""
     logs = tmp_path_factory.mktemp("gateway-ranking")
     with _gateway(stack, recorder, logs, "gateway-ranking") as svc:
@@ -121,7 +76,7 @@ def ask(url: str, **fields: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 
 def test_without_a_cross_encoder_the_default_ranking_is_the_blend(
-    gw: str, stack: Stack, recorder: Recorder
+    gw: str, stack: Stack, recorder: RecordingLlm
 ) -> None:
     ready = httpx.get(f"{gw}/readyz", timeout=10).json()
     assert ready["ranking"] == {
@@ -144,30 +99,30 @@ def test_without_a_cross_encoder_the_default_ranking_is_the_blend(
 
 
 def test_the_cut_off_drops_far_below_sources_from_answer_and_prompt(
-    gw: str, recorder: Recorder
+    gw: str, recorder: RecordingLlm
 ) -> None:
     sources, _ = ask(gw)
     assert [s["doc_id"] for s in sources] == [BEES]  # the four unrelated ones are cut
     assert [s["n"] for s in sources] == [1]
     # The prompt holds only the sources shown, numbered as shown.
-    assert recorder.prompt_passages() == [(1, sources[0]["title"])]
+    assert prompt_passages(recorder) == [(1, sources[0]["title"])]
 
 
-def test_per_request_cut_off_on_the_native_api(gw: str, recorder: Recorder) -> None:
+def test_per_request_cut_off_on_the_native_api(gw: str, recorder: RecordingLlm) -> None:
     everything, _ = ask(gw, source_max_drop=None)  # the rule turned off: top_k sources
     assert len(everything) == SAMPLES
-    assert [n for n, _ in recorder.prompt_passages()] == [1, 2, 3, 4, 5]
+    assert [n for n, _ in prompt_passages(recorder)] == [1, 2, 3, 4, 5]
 
     # A drop just past the second source's keeps exactly two.
     gap = everything[0]["score"] - everything[1]["score"]
     two, _ = ask(gw, source_max_drop=gap + 0.001)
     assert [s["chunk_id"] for s in two] == [s["chunk_id"] for s in everything[:2]]
-    assert len(recorder.prompt_passages()) == 2
+    assert len(prompt_passages(recorder)) == 2
 
     # An absolute floor above every score still keeps the top source.
     one, _ = ask(gw, source_max_drop=None, source_min_score=5.0)
     assert [s["doc_id"] for s in one] == [BEES]
-    assert len(recorder.prompt_passages()) == 1
+    assert len(prompt_passages(recorder)) == 1
 
     # top_k still bounds what the cut-off keeps.
     three, _ = ask(gw, source_max_drop=None, top_k=3)
@@ -179,7 +134,7 @@ def test_per_request_cut_off_on_the_native_api(gw: str, recorder: Recorder) -> N
     assert refused.status_code == 422
 
 
-def test_per_request_cut_off_on_the_openai_api(gw: str, recorder: Recorder) -> None:
+def test_per_request_cut_off_on_the_openai_api(gw: str, recorder: RecordingLlm) -> None:
     def complete(**fields: Any) -> list[dict[str, Any]]:
         body = {"model": "ragline", "messages": [{"role": "user", "content": QUESTION}],
                 **fields}  # fmt: skip
@@ -188,9 +143,9 @@ def test_per_request_cut_off_on_the_openai_api(gw: str, recorder: Recorder) -> N
         return response.json()["sources"]
 
     assert [s["doc_id"] for s in complete()] == [BEES]
-    assert len(recorder.prompt_passages()) == 1
+    assert len(prompt_passages(recorder)) == 1
     assert len(complete(source_max_drop=None)) == SAMPLES
-    assert len(recorder.prompt_passages()) == SAMPLES
+    assert len(prompt_passages(recorder)) == SAMPLES
 
     # Streamed: the first chunk carries the same sources.
     body = {"model": "ragline", "messages": [{"role": "user", "content": QUESTION}],
@@ -212,7 +167,7 @@ def cross_encoder_reranker(tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def test_a_configured_cross_encoder_ranks_as_before(
     stack: Stack,
-    recorder: Recorder,
+    recorder: RecordingLlm,
     cross_encoder_reranker: Service,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -244,4 +199,4 @@ def test_a_configured_cross_encoder_ranks_as_before(
     ).json()["results"]
     assert [s["chunk_id"] for s in sources] == [found[r["index"]]["chunk_id"] for r in ranked]
     assert [s["score"] for s in sources] == [round(r["relevance_score"], 6) for r in ranked]
-    assert len(recorder.prompt_passages()) == len(ranked) == SAMPLES
+    assert len(prompt_passages(recorder)) == len(ranked) == SAMPLES
