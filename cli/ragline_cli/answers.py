@@ -384,20 +384,18 @@ def ask_all(
 def run(args: argparse.Namespace) -> int:
     try:
         from ragline_common.wire import MAX_TITLE_CHARS
-        from ragline_retriever.evaluation.beir import DatasetError, load_beir, service_doc_ids
+        from ragline_retriever.evaluation.beir import service_doc_ids
     except ModuleNotFoundError as exc:
         from ragline_cli.evaluate import NOT_INSTALLED
 
         print(NOT_INSTALLED.format(name=exc.name), file=sys.stderr)
         return 2
     url = args.url or default_url()[0]
-    try:
-        dataset = load_beir(args.dataset, split=args.split)
-    except DatasetError as exc:
-        print(f"ragline eval: {exc}", file=sys.stderr)
+    from ragline_cli.evaluate import load_dataset
+
+    dataset = load_dataset(args)
+    if dataset is None:
         return 2
-    for warning in dataset.warnings:
-        print(f"ragline eval: warning: {warning}", file=sys.stderr)
     ids = service_doc_ids(list(dataset.corpus))
     back = {service: corpus for corpus, service in ids.items()}
     docs = corpus_documents(dataset, ids, MAX_TITLE_CHARS)

@@ -172,6 +172,21 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 
+def load_dataset(args: argparse.Namespace) -> Any:
+    """`args.dataset` loaded (its warnings on stderr), or None after saying why not; both
+    `ragline eval` modes read their data set through this."""
+    from ragline_retriever.evaluation.beir import DatasetError, load_beir
+
+    try:
+        dataset = load_beir(args.dataset, split=args.split)
+    except DatasetError as exc:
+        print(f"ragline eval: {exc}", file=sys.stderr)
+        return None
+    for warning in dataset.warnings:
+        print(f"ragline eval: warning: {warning}", file=sys.stderr)
+    return dataset
+
+
 def run(args: argparse.Namespace) -> int:
     problem = _check_options(args)
     if problem:
@@ -191,19 +206,14 @@ def run(args: argparse.Namespace) -> int:
             return 2
     with _stdout_to_stderr():
         try:
-            from ragline_retriever.evaluation.beir import DatasetError, load_beir
             from ragline_retriever.evaluation.harness import EvalOptions, evaluate, load_reranker
             from ragline_retriever.evaluation.report import render_json, render_text
         except ModuleNotFoundError as exc:
             print(NOT_INSTALLED.format(name=exc.name), file=sys.stderr)
             return 2
-        try:
-            dataset = load_beir(args.dataset, split=args.split)
-        except DatasetError as exc:
-            print(f"ragline eval: {exc}", file=sys.stderr)
+        dataset = load_dataset(args)
+        if dataset is None:
             return 2
-        for warning in dataset.warnings:
-            print(f"ragline eval: warning: {warning}", file=sys.stderr)
         if not args.verbose:
             with contextlib.suppress(ImportError):
                 from transformers.utils import logging as hf_logging
