@@ -51,7 +51,7 @@ from service_helpers import (
 )
 from sse_client import read_events
 from tiny_models import BOS, EOS, LLAMA_CHAT_TEMPLATE
-from vllm_helpers import VLLM_PYTHON, tiny_llama_fixture  # noqa: F401
+from vllm_helpers import VLLM_PYTHON, stop_point, tiny_llama_fixture  # noqa: F401
 
 MODEL_NAME = "tiny-llama"
 MAX_MODEL_LEN = 4096
@@ -354,11 +354,7 @@ class TestLlmSvcOnVllm:
         assert penalised != plain
         assert text_of(url, frequency_penalty=2.0, **greedy) != plain
         # A stop string taken from an answer ends the same answer just before it.
-        at = next(
-            i
-            for i in range(4, len(penalised) - 2)
-            if penalised[i : i + 2].isalnum() and penalised.find(penalised[i : i + 2]) == i
-        )
+        at = stop_point(penalised)
         stopped = complete(url, presence_penalty=2.0, stop=[penalised[at : at + 2]], **greedy)
         assert stopped["choices"][0]["message"]["content"] == penalised[:at]
         assert stopped["choices"][0]["finish_reason"] == "stop"

@@ -38,7 +38,7 @@ from ragline_gateway.settings import GatewaySettings
 from service_helpers import assert_error, gateway_env, metric, poll, running_service
 from sse_client import read_events
 from tiny_models import EOS
-from vllm_helpers import requires_vllm, stock_vllm, tiny_llama_fixture  # noqa: F401
+from vllm_helpers import requires_vllm, stock_vllm, stop_point, tiny_llama_fixture  # noqa: F401
 
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 4096
@@ -457,11 +457,7 @@ class TestGatewayOnStockVllm:
         # A stop string taken from an answer ends the same answer just before it (the
         # penalty keeps the random model's greedy answer from repeating itself).
         penalised = text_of(url, presence_penalty=2.0, **greedy)
-        at = next(
-            i
-            for i in range(4, len(penalised) - 2)
-            if penalised[i : i + 2].isalnum() and penalised.find(penalised[i : i + 2]) == i
-        )
+        at = stop_point(penalised)
         stopped = answer(url, presence_penalty=2.0, stop=[penalised[at : at + 2]], **greedy)
         assert stopped["choices"][0]["message"]["content"] == penalised[:at]
         assert stopped["choices"][0]["finish_reason"] == "stop"

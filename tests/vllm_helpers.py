@@ -74,3 +74,14 @@ def stock_vllm(
     finally:
         left = proc.stop()
         assert not left, f"{name}: processes left after stopping it: {left}"
+
+
+def stop_point(text: str) -> int:
+    """Where a stop string taken from `text` ends it: the first two-letter alphanumeric run
+    from the fifth character on that occurs nowhere earlier; `text[i : i + 2]` as `stop`
+    makes the engine answer `text[:i]`."""
+    return next(
+        i
+        for i in range(4, len(text) - 2)
+        if text[i : i + 2].isalnum() and text.find(text[i : i + 2]) == i
+    )
