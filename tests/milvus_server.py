@@ -250,6 +250,18 @@ def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         yield server.uri
 
 
+def drop_prefixed(uri: str, prefix: str) -> None:
+    """Drops every collection on the server whose name starts with `prefix`."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri)
+    try:
+        for name in client.list_collections():
+            if name.startswith(prefix):
+                client.drop_collection(name)
+    finally:
+        client.close()
+
 def main() -> None:
     python = installed_python()
     if python is None:
@@ -272,3 +284,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

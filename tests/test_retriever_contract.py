@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from milvus_server import milvus_server_uri  # noqa: F401
+from milvus_server import drop_prefixed, milvus_server_uri  # noqa: F401
 from pydantic import TypeAdapter, ValidationError
-from pymilvus import DataType, MilvusClient
+from pymilvus import DataType
 from pymilvus.exceptions import MilvusException
 
 from ragline_common.wire import Filters
@@ -87,17 +87,6 @@ def lexical_factory_for(kind: str, tmp_path: Path) -> Factory:
 
     prefix = unique("ragline-test").replace("_", "-") + "-"
     return lambda: ElasticsearchIndex(url, prefix=prefix)
-
-
-def drop_prefixed(uri: str, prefix: str) -> None:
-    """Drops every collection on the server whose name starts with `prefix`."""
-    client = MilvusClient(uri=uri)
-    try:
-        for name in client.list_collections():
-            if name.startswith(prefix):
-                client.drop_collection(name)
-    finally:
-        client.close()
 
 
 def dense_target(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, str]:

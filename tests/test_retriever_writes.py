@@ -3,23 +3,26 @@ two writes gets them replayed in order, and `verify` reports any difference.
 
 The stores are the real embedded ones (tantivy and Milvus Lite on tmp_path). A failure is
 injected by a switch in front of one store, standing in for an outage between the two
-writes; everything behind the switch is the real index.
+writes; everything behind the switch is the real index. Every scenario runs on both
+journals: SQLite (one process) and Redis (shared by replicas; a real redis-server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ragline_cli.processes import free_port, redis_server
 from ragline_retriever.backends.base import BackendUnavailable, Chunk, MetadataConflict
 from ragline_retriever.backends.milvus_index import MilvusIndex
 from ragline_retriever.backends.tantivy_index import TantivyIndex
 from ragline_retriever.journal import Journal, WriteOp
+from ragline_retriever.redis_journal import RedisJournal
 from ragline_retriever.writes import JournalFull, StoreWriter
 
 DIM = 4
@@ -76,12 +79,39 @@ def doc(doc_id: str, *texts: str) -> WriteOp:
     return WriteOp(chunks=chunks, vectors=[[1.0, float(i), 0.0, 0.0] for i in range(len(texts))])
 
 
+WriteLog = Callable[[Path], Any]
+
+
+def sqlite_log(base: Path) -> Journal:
+    return Journal(base / "journal.sqlite3")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def write_log(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WriteLog]:
+    """Opens a test's journal: SQLite under its base, or Redis under a prefix of its own
+    (the same base reopens the same journal, as a restarted replica would)."""
+    if request.param == "sqlite":
+        yield sqlite_log
+        return
+    port = free_port()
+    server = redis_server(port, tmp_path_factory.mktemp("redis")).start()
+    try:
+        server.wait_ready(30)
+        yield lambda base: RedisJournal(
+            f"redis://127.0.0.1:{port}/0", prefix=f"t{abs(hash(str(base)))}:"
+        )
+    finally:
+        server.stop()
+
+
 class Stores:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, write_log: WriteLog = sqlite_log) -> None:
         self.base = base
         self.lexical = Switched(TantivyIndex(base / "tantivy"))
         self.dense = Switched(MilvusIndex(str(base / "milvus.db"), dim=DIM))
-        self.journal = Journal(base / "journal.sqlite3")
+        self.journal = write_log(base)
         self.writer = StoreWriter(
             self.journal, {"lexical": self.lexical, "dense": self.dense}, timeout_s=30
         )
@@ -110,9 +140,11 @@ class Stores:
         return sorted(h.chunk.text for h in hits)
 
 
-def run(base: Path, scenario: Callable[[Stores], Awaitable[None]]) -> None:
+def run(
+    base: Path, scenario: Callable[[Stores], Awaitable[None]], write_log: WriteLog = sqlite_log
+) -> None:
     async def main() -> None:
-        stores = Stores(base)
+        stores = Stores(base, write_log)
         await stores.open()
         try:
             await scenario(stores)
@@ -131,7 +163,9 @@ async def wait_until_drained(writer: StoreWriter, timeout: float = 30) -> None:
     raise AssertionError("the repair loop did not drain the journal")
 
 
-def test_a_write_that_fails_in_one_store_is_replayed_by_the_repair_loop(tmp_path: Path) -> None:
+def test_a_write_that_fails_in_one_store_is_replayed_by_the_repair_loop(
+    tmp_path: Path, write_log: WriteLog
+) -> None:
     async def scenario(s: Stores) -> None:
         await s.writer.write(COLLECTION, doc("seed", "seed text"))
         s.dense.down = OUTAGE
@@ -151,10 +185,10 @@ def test_a_write_that_fails_in_one_store_is_replayed_by_the_repair_loop(tmp_path
         assert lexical == dense == {"seed#0", "alpha#0", "alpha#1"}
         assert await s.dense_texts("alpha") == ["alpha one", "alpha two"]
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
-def test_replays_keep_the_order_of_writes(tmp_path: Path) -> None:
+def test_replays_keep_the_order_of_writes(tmp_path: Path, write_log: WriteLog) -> None:
     """While dense is down, a document is written long, then short, and another one is
     deleted; a replay in any other order would leave stale chunks or a deleted document."""
 
@@ -175,10 +209,10 @@ def test_replays_keep_the_order_of_writes(tmp_path: Path) -> None:
         assert await s.dense_texts("beta") == ["beta new"]
         assert await s.lexical_texts("beta", "beta") == ["beta new"]
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
-def test_the_journal_survives_a_restart(tmp_path: Path) -> None:
+def test_the_journal_survives_a_restart(tmp_path: Path, write_log: WriteLog) -> None:
     async def crash_mid_write(s: Stores) -> None:
         s.lexical.down = OUTAGE
         result = await s.writer.write(COLLECTION, doc("delta", "delta text"))
@@ -190,13 +224,13 @@ def test_the_journal_survives_a_restart(tmp_path: Path) -> None:
         lexical, dense = await s.ids()
         assert lexical == dense == {"delta#0"}
 
-    run(tmp_path, crash_mid_write)
-    run(tmp_path, restart)
+    run(tmp_path, crash_mid_write, write_log)
+    run(tmp_path, restart, write_log)
 
 
 @pytest.mark.parametrize("dense_first", [False, True], ids=["refusal-first", "dense-first"])
 def test_a_refused_document_ends_in_neither_store_and_blocks_nothing(
-    tmp_path: Path, dense_first: bool
+    tmp_path: Path, write_log: WriteLog, dense_first: bool
 ) -> None:
     """Run both ways round: when dense has already recorded the write, the refusal is
     what takes it off the journal, and the undo must be journaled all the same."""
@@ -228,11 +262,12 @@ def test_a_refused_document_ends_in_neither_store_and_blocks_nothing(
         lexical, dense = await s.ids()
         assert lexical == dense == {"theta#0", "zeta#0"}
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
 def test_a_fix_sent_during_an_outage_survives_the_refusal_of_the_bad_version(
     tmp_path: Path,
+    write_log: WriteLog,
 ) -> None:
     """While lexical is down, a bad version and then its fix are journaled; when lexical
     comes back it refuses the bad one, and the undo must not delete the fix."""
@@ -252,10 +287,12 @@ def test_a_fix_sent_during_an_outage_survives_the_refusal_of_the_bad_version(
         assert await s.dense_texts("iota") == ["iota fixed version"]
         assert await s.lexical_texts("iota", "iota") == ["iota fixed version"]
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
-def test_only_a_refusal_is_final_any_other_error_is_retried(tmp_path: Path) -> None:
+def test_only_a_refusal_is_final_any_other_error_is_retried(
+    tmp_path: Path, write_log: WriteLog
+) -> None:
     """tantivy reports a full disk or a held lock as ValueError: that is an outage to wait
     out, not a verdict on the documents."""
 
@@ -268,10 +305,10 @@ def test_only_a_refusal_is_final_any_other_error_is_retried(tmp_path: Path) -> N
         lexical, dense = await s.ids()
         assert lexical == dense == {"kappa#0"}
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
-def test_the_journal_is_bounded_while_a_store_is_down(tmp_path: Path) -> None:
+def test_the_journal_is_bounded_while_a_store_is_down(tmp_path: Path, write_log: WriteLog) -> None:
     async def scenario(s: Stores) -> None:
         s.writer.max_pending = 2
         s.dense.down = OUTAGE
@@ -285,10 +322,10 @@ def test_the_journal_is_bounded_while_a_store_is_down(tmp_path: Path) -> None:
         lexical, dense = await s.ids()
         assert lexical == dense == {"lambda#0", "mu#0"}
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
-def test_both_stores_down_journals_the_write_for_both(tmp_path: Path) -> None:
+def test_both_stores_down_journals_the_write_for_both(tmp_path: Path, write_log: WriteLog) -> None:
     async def scenario(s: Stores) -> None:
         s.lexical.down = s.dense.down = OUTAGE
         result = await s.writer.write(COLLECTION, doc("eta", "eta"))
@@ -298,7 +335,7 @@ def test_both_stores_down_journals_the_write_for_both(tmp_path: Path) -> None:
         lexical, dense = await s.ids()
         assert lexical == dense == {"eta#0"}
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
 def counter(journal: Journal, collection: str = COLLECTION) -> int:
@@ -308,7 +345,9 @@ def counter(journal: Journal, collection: str = COLLECTION) -> int:
     return int(count)
 
 
-def test_every_store_that_applies_a_write_bumps_the_version(tmp_path: Path) -> None:
+def test_every_store_that_applies_a_write_bumps_the_version(
+    tmp_path: Path, write_log: WriteLog
+) -> None:
     async def scenario(s: Stores) -> None:
         assert counter(s.journal) == 0  # never written: counter 0, epoch all the same
         await s.writer.write(COLLECTION, doc("alpha", "alpha text"))
@@ -328,11 +367,12 @@ def test_every_store_that_applies_a_write_bumps_the_version(tmp_path: Path) -> N
         await s.writer.write("other", doc("beta", "beta text"))
         assert counter(s.journal, "other") == 2 and counter(s.journal) == 6
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
 def test_a_write_pending_on_one_store_bumps_again_when_the_repair_loop_applies_it(
     tmp_path: Path,
+    write_log: WriteLog,
 ) -> None:
     """While dense is down, lexical applies the write: one bump, and only after the write
     is visible in lexical. The repair loop's replay on dense bumps again, so an answer
@@ -363,10 +403,10 @@ def test_a_write_pending_on_one_store_bumps_again_when_the_repair_loop_applies_i
         assert counter(s.journal) == 2
         assert await s.dense_texts("alpha") == ["alpha text"]
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
-def test_a_refused_write_bumps_the_version(tmp_path: Path) -> None:
+def test_a_refused_write_bumps_the_version(tmp_path: Path, write_log: WriteLog) -> None:
     """The refusing store may have written the rest of the batch, and the undo then
     changes both stores again: each of those bumps."""
 
@@ -388,7 +428,7 @@ def test_a_refused_write_bumps_the_version(tmp_path: Path) -> None:
         # lexical's refusal, then the undo in both stores.
         assert counter(s.journal) == 10
 
-    run(tmp_path, scenario)
+    run(tmp_path, scenario, write_log)
 
 
 def test_the_version_survives_a_restart_and_a_new_journal_has_a_new_epoch(

@@ -155,7 +155,7 @@ async def get_version(collection: CollectionPath, request: Request) -> Collectio
     """The collection's index version, for keying cached answers: it changes after every
     write a store applies, so read it before searching. From memory: cheap on every
     question. A collection never written is a valid key too (counter 0)."""
-    version = runtime(request).journal.version(collection)
+    version = await runtime(request).index_version(collection)
     return CollectionVersion(collection=collection, version=version)
 
 

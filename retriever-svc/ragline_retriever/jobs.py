@@ -1,9 +1,11 @@
 """Asynchronous ingest jobs: accept a large batch at once, ingest it in the background,
 let the caller poll its progress.
 
-Jobs and their documents are kept in SQLite in the data directory, so a restart resumes
-unfinished jobs where they stopped (ingestion is idempotent, so redoing the batch that was
-in flight is harmless). One runner per process works through jobs in order, in batches of
+Jobs and their documents are kept in SQLite in the data directory (or in Redis, shared by
+every replica: redis_jobs.py), so a restart resumes unfinished jobs where they stopped
+(ingestion is idempotent, so redoing the batch that was in flight is harmless). One runner
+per process works through jobs in order, each under its lease (leases.py: with several
+replicas, one runs it and another takes it over if that one dies), in batches of
 `job_batch_documents`, each through the same `ingest()` as a synchronous request. A batch
 that hits an unavailable store is retried with a growing pause for up to
 `job_retry_window_s`; a batch a store refuses (bad input) fails the job with the reason.
@@ -12,18 +14,21 @@ that hits an unavailable store is retried with a growing pause for up to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis
 
 from ragline_common.errors import ApiError
 from ragline_common.wire import DocumentIn
+from ragline_retriever.leases import Lease, LeaseBusy, Leases, LocalLeases
 from ragline_retriever.metrics import JOBS
 from ragline_retriever.protocol import Job, JobStatus
 
@@ -120,12 +125,15 @@ class JobStore:
             ).fetchall()
         return [_job(r) for r in rows]
 
-    def next_queued(self) -> Job | None:
+    def open_jobs(self, limit: int = 100) -> list[Job]:
+        """Queued or running jobs, oldest first."""
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM jobs WHERE status = 'queued' ORDER BY created_at LIMIT 1"
-            ).fetchone()
-        return _job(row) if row else None
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE status IN ('queued', 'running')"
+                " ORDER BY created_at LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [_job(r) for r in rows]
 
     def documents(self, job_id: str) -> list[DocumentIn]:
         with self._lock:
@@ -168,10 +176,15 @@ class JobStore:
             self._db.close()
 
 
+# How often a runner looks for jobs another replica accepted (or left behind when it died).
+_POLL_S = 1.0
+
+
 class JobRunner:
-    def __init__(self, store: JobStore, rt: Runtime) -> None:
+    def __init__(self, store: JobStore | Any, rt: Runtime, leases: Leases | None = None) -> None:
         self.store = store
         self.rt = rt
+        self.leases: Leases = leases or LocalLeases()
         self._wake = asyncio.Event()
 
     async def submit(self, collection: str, documents: list[DocumentIn]) -> Job:
@@ -187,17 +200,31 @@ class JobRunner:
     async def run_forever(self) -> None:
         while True:
             self._wake.clear()  # before looking, so a submit in between is not missed
-            job = await asyncio.to_thread(self.store.next_queued)
-            if job is None:
-                await self._wake.wait()
-                continue
+            ran = False
             try:
-                await self._run(job)
-            except asyncio.CancelledError:
-                raise  # shutdown: the job stays "running" and resumes at the next start
-            except Exception as exc:
-                log.exception("ingest job crashed", extra={"job_id": job.job_id})
-                await self._finish(job, "failed", f"internal error: {type(exc).__name__}")
+                jobs = await asyncio.to_thread(self.store.open_jobs)
+            except Exception:  # the shared job store (Redis) is down: look again later
+                log.exception("could not list ingest jobs")
+                jobs = []
+            for job in jobs:
+                try:
+                    async with self.leases.hold(f"job:{job.job_id}", wait_s=0) as lease:
+                        ran = True
+                        await self._run(job, lease)
+                except LeaseBusy:
+                    continue  # another replica runs it
+                except (OSError, redis.RedisError):
+                    log.exception("could not claim an ingest job", extra={"job_id": job.job_id})
+                    break
+                except asyncio.CancelledError:
+                    raise  # shutdown: the job stays "running" and resumes at the next start
+                except Exception as exc:
+                    log.exception("ingest job crashed", extra={"job_id": job.job_id})
+                    await self._finish(job, "failed", f"internal error: {type(exc).__name__}")
+                break  # look again from the oldest: jobs run in order
+            if not ran:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), _POLL_S)
 
     async def _finish(self, job: Job, status: JobStatus, error: str | None = None) -> None:
         if await asyncio.to_thread(self.store.finish, job.job_id, status, error):
@@ -207,13 +234,17 @@ class JobRunner:
                 extra={"job_id": job.job_id, "status": status, "error": error or ""},
             )
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, lease: Lease) -> None:
+        # Read again under the lease: another replica may have advanced it meanwhile.
         await asyncio.to_thread(self.store.start, job.job_id)
+        job = await asyncio.to_thread(self.store.get, job.job_id) or job
         documents = await asyncio.to_thread(self.store.documents, job.job_id)
         done, chunks = job.documents_done, job.chunks
         while done < len(documents):
             if await asyncio.to_thread(self.store.status, job.job_id) != "running":
-                return  # cancelled
+                return  # cancelled, or finished by another replica
+            if lease.lost:
+                return  # another replica has taken the job over
             batch = documents[done : done + self.rt.settings.job_batch_documents]
             try:
                 written = await self._write(job, batch)
@@ -241,8 +272,10 @@ class JobRunner:
                     if not written.write.pending:
                         return written.response.chunks
                 else:
-                    # Ours is journaled: wait for it (not for the whole collection).
-                    await self.rt.writer.drain(job.collection)
+                    # Ours is journaled: wait for it (not for the whole collection); when
+                    # another replica holds the collection, it applies ours too.
+                    with contextlib.suppress(LeaseBusy):
+                        await self.rt.writer.drain(job.collection)
                     pending, refused = await self.rt.writer.outcome(written.write.seq)
                     if refused:
                         raise ApiError(422, "document_rejected", refused)

@@ -1,6 +1,9 @@
 """What the retriever holds for its lifetime: settings, the model, the two indexes, the
 write journal and the ingest jobs.
 
+The journal, the jobs and the leases that order writes are local (SQLite in the data
+directory; one process) or shared by every replica (Redis, when `write_log_url` is set).
+
 Opened once in the app's lifespan, so `/readyz` turning 200 means the model is loaded and
 the stores are open. A backend that cannot be opened at start (a remote store that is
 down) does not stop the process: retrieval runs degraded on the other one, as
@@ -11,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from ragline_retriever.backends import make_dense, make_lexical
 from ragline_retriever.backends.base import DenseIndex, LexicalIndex
 from ragline_retriever.embedding import Embedder
 from ragline_retriever.jobs import JobRunner, JobStore
 from ragline_retriever.journal import Journal
+from ragline_retriever.leases import Leases, LocalLeases, RedisLeases
 from ragline_retriever.settings import RetrieverSettings
 from ragline_retriever.writes import StoreWriter
 
@@ -34,14 +39,15 @@ class Runtime:
         )
         self.lexical: LexicalIndex = make_lexical(settings)
         self.dense: DenseIndex | None = None
-        self.journal = Journal(settings.data_dir / "journal.sqlite3")
+        self.journal, jobs, self.leases = _write_log(settings)
         self.writer = StoreWriter(
             self.journal,
             {"lexical": self.lexical, "dense": None},
             settings.write_timeout_s,
             max_pending=settings.max_pending_writes,
+            leases=self.leases,
         )
-        self.jobs = JobRunner(JobStore(settings.data_dir / "jobs.sqlite3"), self)
+        self.jobs = JobRunner(jobs, self, leases=self.leases)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -81,3 +87,38 @@ class Runtime:
         self.embedder.close()
         self.jobs.store.close()
         self.journal.close()
+        if getattr(self.journal, "remote", False):
+            await self.journal.aclose()
+        await self.leases.aclose()
+
+    async def written_elsewhere(self, collection: str) -> bool:
+        """Whether another replica may have just written `collection` (shared log only:
+        one process knows its own writes)."""
+        if getattr(self.journal, "remote", False):
+            return bool(await self.journal.written_recently(collection))
+        return False
+
+    async def index_version(self, collection: str) -> str:
+        """One version per collection, wherever the journal lives (a Redis read when shared)."""
+        if getattr(self.journal, "remote", False):
+            return await asyncio.to_thread(self.journal.version, collection)
+        return self.journal.version(collection)
+
+
+def _write_log(settings: RetrieverSettings) -> tuple[Any, Any, Leases]:
+    """(journal, job store, leases): local SQLite, or shared Redis."""
+    if settings.write_log_url:
+        from ragline_retriever.redis_jobs import RedisJobStore
+        from ragline_retriever.redis_journal import RedisJournal
+
+        url, prefix = settings.write_log_url, settings.write_log_prefix
+        return (
+            RedisJournal(url, prefix),
+            RedisJobStore(url, prefix),
+            RedisLeases(url, prefix, ttl_s=settings.lease_ttl_s),
+        )
+    return (
+        Journal(settings.data_dir / "journal.sqlite3"),
+        JobStore(settings.data_dir / "jobs.sqlite3"),
+        LocalLeases(),
+    )

@@ -35,7 +35,8 @@ ROLES: tuple[Role, Role] = ("lexical", "dense")
 
 @dataclass
 class Outcome:
-    status: Literal["ok", "not_found", "failed"]
+    # "off": the backend is not configured (LEXICAL_BACKEND=none), so not searched.
+    status: Literal["ok", "not_found", "failed", "off"]
     hits: list[ScoredChunk]
     ms: float
     error: str = ""
@@ -68,6 +69,8 @@ async def _dense(
     """The dense search; the query embedding is left in `query_vector` for `_dense_scores`."""
     if rt.dense is None:
         raise RuntimeError("dense backend is not open")
+    if await rt.written_elsewhere(request.collection):
+        rt.dense.written_elsewhere(request.collection)
     vector = await rt.embedder.embed_query(request.query)
     query_vector.append(vector)
     return await rt.dense.search(request.collection, vector, depth, request.filters)
@@ -107,7 +110,12 @@ async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
     dense_depth = max(settings.dense_candidates, request.top_k)
     query_vector: list[list[float]] = []
     tasks = {
-        "lexical": asyncio.create_task(
+        "dense": asyncio.create_task(
+            _run("dense", _dense(rt, request, dense_depth, query_vector), settings.dense_timeout_s)
+        ),
+    }
+    if rt.lexical.name != "none":
+        tasks["lexical"] = asyncio.create_task(
             _run(
                 "lexical",
                 rt.lexical.search(
@@ -115,13 +123,11 @@ async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
                 ),
                 settings.lexical_timeout_s,
             )
-        ),
-        "dense": asyncio.create_task(
-            _run("dense", _dense(rt, request, dense_depth, query_vector), settings.dense_timeout_s)
-        ),
-    }
+        )
     try:
-        outcomes: dict[Role, Outcome] = {role: await tasks[role] for role in ROLES}
+        outcomes: dict[Role, Outcome] = {
+            role: await tasks[role] if role in tasks else Outcome("off", [], 0.0) for role in ROLES
+        }
     finally:
         for task in tasks.values():
             task.cancel()
@@ -135,7 +141,7 @@ async def retrieve(rt: Runtime, request: RetrieveRequest) -> RetrieveResponse:
         raise ApiError(
             503, "retrieval_unavailable", "both retrieval backends failed; try again shortly"
         )
-    degraded = [role for role in ROLES if role not in ok]
+    degraded = [role for role in ROLES if role not in ok and outcomes[role].status != "off"]
     for role in degraded:
         DEGRADED.labels(role).inc()
 

@@ -30,7 +30,8 @@ class RetrieverSettings(ServiceSettings):
     port: int = Field(default=8001, ge=1, le=65535)
     data_dir: Path = Path("./data/retriever")
 
-    lexical_backend: Literal["tantivy", "elasticsearch"] = "tantivy"
+    # "none": dense retrieval only (backends/no_lexical.py).
+    lexical_backend: Literal["tantivy", "elasticsearch", "none"] = "tantivy"
     dense_backend: Literal["milvus"] = "milvus"
 
     # Empty means Milvus Lite on `<data_dir>/milvus.db`; any Milvus URI otherwise.
@@ -75,6 +76,15 @@ class RetrieverSettings(ServiceSettings):
     # Journaled writes a collection may hold while an index is down; past it, new writes
     # are a 503 instead of more chunks and vectors piling up on disk.
     max_pending_writes: int = Field(default=1000, ge=1, le=1_000_000)
+    # Where the write journal, the index versions and the ingest jobs live. Empty: SQLite
+    # in `data_dir`, for one process (the embedded stack). A `redis://` URL: in that Redis,
+    # shared by every replica, so any replica may accept a write and the others finish it
+    # if it dies (docs/deploying.md, "The retriever's write log"). Keys start with the
+    # prefix; the lease on a collection's writes passes to another replica `lease_ttl_s`
+    # after its holder stopped renewing it.
+    write_log_url: str = Field(default="", pattern=r"^(|rediss?://.*|unix://.*)$")
+    write_log_prefix: str = Field(default="ragline:retriever:", min_length=1, max_length=100)
+    lease_ttl_s: float = Field(default=10.0, ge=1, le=600)
     # Documents per batch of an ingest job, and how long a batch may keep failing on an
     # unavailable store before the job fails.
     job_batch_documents: int = Field(default=32, ge=1, le=256)

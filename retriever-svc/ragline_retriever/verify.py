@@ -12,6 +12,7 @@ import asyncio
 
 from ragline_common.errors import ApiError
 from ragline_retriever.backends.base import CollectionNotFound
+from ragline_retriever.leases import LeaseBusy
 from ragline_retriever.protocol import MAX_LISTED_IDS, VerifyReport
 from ragline_retriever.runtime import Runtime
 
@@ -19,13 +20,19 @@ from ragline_retriever.runtime import Runtime
 async def verify(rt: Runtime, collection: str) -> VerifyReport:
     if rt.dense is None:
         raise ApiError(503, "index_unavailable", "the dense index is not open")
-    async with rt.writer.lock(collection):  # not in the middle of a write
-        results = await asyncio.gather(
-            asyncio.wait_for(rt.lexical.chunk_ids(collection), rt.settings.write_timeout_s),
-            asyncio.wait_for(rt.dense.chunk_ids(collection), rt.settings.write_timeout_s),
-            return_exceptions=True,
-        )
-        pending = await asyncio.to_thread(rt.writer.journal.count, collection)
+    try:
+        # Not in the middle of a write, on this replica or another.
+        async with rt.writer.exclusive(collection, rt.settings.write_timeout_s):
+            results = await asyncio.gather(
+                asyncio.wait_for(rt.lexical.chunk_ids(collection), rt.settings.write_timeout_s),
+                asyncio.wait_for(rt.dense.chunk_ids(collection), rt.settings.write_timeout_s),
+                return_exceptions=True,
+            )
+            pending = await asyncio.to_thread(rt.writer.journal.count, collection)
+    except LeaseBusy as exc:
+        raise ApiError(
+            503, "index_busy", "another replica is writing this collection; try again"
+        ) from exc
     found: list[set[str]] = []
     for store, result in zip(("lexical", "dense"), results, strict=True):
         if isinstance(result, CollectionNotFound):
@@ -36,10 +43,13 @@ async def verify(rt: Runtime, collection: str) -> VerifyReport:
             )
         else:
             found.append(result)
-    if all(isinstance(r, CollectionNotFound) for r in results) and not pending:
+    searched = results[1:] if rt.lexical.name == "none" else results
+    if all(isinstance(r, CollectionNotFound) for r in searched) and not pending:
         raise ApiError(404, "collection_not_found", f"collection {collection!r} does not exist")
     lexical, dense = found
     only_lexical, only_dense = sorted(lexical - dense), sorted(dense - lexical)
+    if rt.lexical.name == "none":  # dense only: nothing to compare it with
+        only_lexical, only_dense = [], []
     return VerifyReport(
         collection=collection,
         consistent=not only_lexical and not only_dense and not pending,

@@ -16,19 +16,26 @@ journaled write of the same document is left alone: it is the fix.
 
 Every store's application of a write (and every refusal) bumps the collection's index
 version in the journal, after the write is visible there (see journal.py).
+
+With several replicas sharing one journal (redis_journal.py), a collection's writes are
+applied by whichever replica holds its lease (leases.py); a replica that accepted a write
+while another holds the lease waits for it, and the holder applies that write too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ragline_retriever.backends.base import CollectionNotFound, WriteRefused
 from ragline_retriever.journal import STORES, Entry, Journal, WriteOp
+from ragline_retriever.leases import Lease, LeaseBusy, Leases, LocalLeases
 from ragline_retriever.metrics import PENDING_WRITES, WRITE_FAILURES, WRITES_REPLAYED
 
 log = logging.getLogger("ragline.retriever.writes")
@@ -75,10 +82,11 @@ class JournalFull(RuntimeError):
 class StoreWriter:
     def __init__(
         self,
-        journal: Journal,
+        journal: Journal | Any,
         stores: dict[str, Any],
         timeout_s: float,
         max_pending: int = 1000,
+        leases: Leases | None = None,
     ) -> None:
         if set(stores) != set(STORES):
             raise ValueError(f"need exactly the stores {STORES}")
@@ -88,23 +96,36 @@ class StoreWriter:
         # Past this many journaled writes in a collection, new ones are refused (503)
         # instead of piling chunks and vectors up on disk during a long outage.
         self.max_pending = max_pending
+        self.leases: Leases = leases or LocalLeases()
         # Writes of one collection are serialized: a chain must see every earlier write.
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._retry_at: dict[str, float] = {}
         self._failures: defaultdict[str, int] = defaultdict(int)
 
-    def lock(self, collection: str) -> asyncio.Lock:
-        return self._locks[collection]
+    @contextlib.asynccontextmanager
+    async def exclusive(self, collection: str, wait_s: float) -> AsyncIterator[Lease]:
+        """No other write of `collection` runs meanwhile, in this process (the lock) or in
+        another replica (the lease); LeaseBusy after `wait_s`."""
+        async with self._locks[collection]:
+            async with self.leases.hold(collection, wait_s) as lease:
+                yield lease
 
     async def write(self, collection: str, op: WriteOp) -> WriteResult:
-        async with self.lock(collection):
+        async with self._locks[collection]:
             waiting = await asyncio.to_thread(self.journal.count, collection)
             if waiting >= self.max_pending:
                 raise JournalFull(
                     f"{waiting} writes of collection {collection!r} are waiting for an index"
                 )
+            # Journaled (and acknowledged as such) before any lease: a replica that dies
+            # after this line leaves the write for the others to apply.
             seq = await asyncio.to_thread(self.journal.append, collection, op)
-            drained = await self._drain(collection)
+            try:
+                async with self.leases.hold(collection, self.timeout_s) as lease:
+                    drained = await self._drain(collection, lease)
+            except LeaseBusy:
+                busy = "another replica is applying this collection's writes"
+                return WriteResult(seq=seq, pending={store: busy for store in STORES})
         return drained.result(seq)
 
     async def outcome(self, seq: int) -> tuple[bool, str | None]:
@@ -112,11 +133,15 @@ class StoreWriter:
         pending = await asyncio.to_thread(self.journal.contains, seq)
         return pending, await asyncio.to_thread(self.journal.refusal, seq)
 
-    async def drain(self, collection: str) -> None:
-        async with self.lock(collection):
-            await self._drain(collection)
+    async def drain(self, collection: str, wait_s: float | None = None) -> None:
+        """Applies `collection`'s journaled writes; returns at once (LeaseBusy) when another
+        replica is at it for longer than `wait_s` (the write timeout by default)."""
+        async with self.exclusive(
+            collection, self.timeout_s if wait_s is None else wait_s
+        ) as lease:
+            await self._drain(collection, lease)
 
-    async def _drain(self, collection: str) -> _Drain:
+    async def _drain(self, collection: str, lease: Lease) -> _Drain:
         report = _Drain()
         ops: dict[int, WriteOp] = {}  # loaded once per drain, shared by the two chains
         stores = list(STORES)
@@ -124,7 +149,7 @@ class StoreWriter:
             entries = await asyncio.to_thread(self.journal.pending, collection)
             refusals = len(report.rejected)
             await asyncio.gather(
-                *(self._chain(store, collection, entries, report, ops) for store in stores)
+                *(self._chain(store, collection, entries, report, ops, lease) for store in stores)
             )
             if len(report.rejected) == refusals:
                 break
@@ -149,10 +174,16 @@ class StoreWriter:
         entries: list[Entry],
         report: _Drain,
         ops: dict[int, WriteOp],
+        lease: Lease,
     ) -> None:
         for entry in entries:
             if entry.done[store]:
                 continue
+            if lease.lost:  # another replica has taken over this collection's writes
+                for later in entries:
+                    if later.seq >= entry.seq and not later.done[store]:
+                        report.pending[(later.seq, store)] = "lost the collection's lease"
+                return
             try:
                 if entry.seq not in ops:
                     ops[entry.seq] = await asyncio.to_thread(self.journal.op, entry.seq)
@@ -218,7 +249,8 @@ class StoreWriter:
         now = time.monotonic()
         for collection in collections:
             if force or self._retry_at.get(collection, 0.0) <= now:
-                await self.drain(collection)
+                with contextlib.suppress(LeaseBusy):  # another replica is draining it
+                    await self.drain(collection, wait_s=0)
         return await asyncio.to_thread(self.journal.count)
 
     async def repair_forever(self, interval_s: float) -> None:

@@ -7,6 +7,10 @@ from ragline_retriever.settings import RetrieverSettings
 
 
 def make_lexical(settings: RetrieverSettings) -> LexicalIndex:
+    if settings.lexical_backend == "none":
+        from ragline_retriever.backends.no_lexical import NoLexicalIndex
+
+        return NoLexicalIndex()
     if settings.lexical_backend == "elasticsearch":
         from ragline_retriever.backends.elasticsearch_index import ElasticsearchIndex
 

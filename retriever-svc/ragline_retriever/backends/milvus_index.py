@@ -394,6 +394,13 @@ class MilvusIndex:
         recent = written is not None and time.monotonic() - written < _STRONG_READS_S
         return {"consistency_level": "Strong" if recent else "Bounded"}
 
+    def written_elsewhere(self, collection: str) -> None:
+        """Another replica wrote to `collection` within the last few seconds (the shared
+        write log says so): read it at Strong for a while too, or a search here could
+        miss that write while the gateway already caches answers under its new version."""
+        if not self.lite:
+            _WRITTEN[(self.uri, self._physical(collection))] = time.monotonic()
+
     def _wrote(self, physical: str) -> None:
         if self.lite:
             self.client.flush(physical)
