@@ -6,9 +6,11 @@ rendered object validates against the Kubernetes schema offline (`kubernetes-val
 strict: unknown fields are errors), and the properties ragline relies on hold: probes,
 resources, non-root and read-only containers, a grace period longer than each service's
 drain + grace, GPUs only where they belong, network policies, an SSE-safe Ingress, no
-shipped secrets, settings the services know. Custom resources (the Prometheus Operator's
-ServiceMonitor and PrometheusRule from deploy/k8s/observability) are not in that schema:
-they are skipped by kind, explicitly (CRD_KINDS), and checked by tests/test_observability.py.
+shipped secrets, settings the services know, a retriever of stateless replicas whose write
+log lives in a Redis that neither evicts nor forgets it. Custom resources (the Prometheus
+Operator's ServiceMonitor and PrometheusRule from deploy/k8s/observability) are not in that
+schema: they are skipped by kind, explicitly (CRD_KINDS), and checked by
+tests/test_observability.py.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ METRICS_PORTS = {"gateway": 9000, "retriever": 9001, "reranker": 9002, "llm": 90
 # every service, Redis' password.
 INTERNAL_SECRET = "ragline-internal"
 INTERNAL = ("retriever", "reranker", "llm")
+# Redis' clients and the setting that holds each one's URL (with the password).
+REDIS_URLS = {
+    "gateway": "RAGLINE_GATEWAY_REDIS_URL",
+    "retriever": "RAGLINE_RETRIEVER_WRITE_LOG_URL",
+}
 MODEL_SERVICES = ("retriever", "reranker", "llm")  # load weights before listening
 WORKLOADS = (*SERVICES, "web")  # ragline's own pods
 GPU_SERVICES = {"reranker", "llm"}
@@ -354,47 +361,100 @@ def test_services_and_metrics_follow_the_observability_conventions(
         assert [s for s in by_kind(objects, "Service") if name_label(s) == name] == [svc]
 
 
+def _hpas(objects: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
+    return {h["metadata"]["name"]: h for h in by_kind(objects, "HorizontalPodAutoscaler")}
+
+
+def _min_replicas(objects: tuple[dict[str, Any], ...], w: dict[str, Any]) -> int:
+    """The fewest pods a workload runs: its HPA's minReplicas where one targets it (the HPA
+    raises it there even without metrics), else `replicas` (Kubernetes' default: 1)."""
+    ref = {"apiVersion": "apps/v1", "kind": w["kind"], "name": w["metadata"]["name"]}
+    targeting = [h for h in _hpas(objects).values() if h["spec"]["scaleTargetRef"] == ref]
+    if targeting:
+        return int(targeting[0]["spec"].get("minReplicas", 1))
+    return int(w["spec"].get("replicas", 1))
+
+
+def _budget(objects: tuple[dict[str, Any], ...], w: dict[str, Any]) -> dict[str, Any]:
+    labels = w["spec"]["template"]["metadata"]["labels"]
+    pdbs = by_kind(objects, "PodDisruptionBudget")
+    covering = [p for p in pdbs if _selects(p["spec"]["selector"], labels)]
+    assert len(covering) == 1, w["metadata"]["name"]
+    return covering[0]["spec"]
+
+
 def test_every_workload_has_a_disruption_budget_that_allows_drains(
     objects: tuple[dict[str, Any], ...],
 ) -> None:
-    pdbs = by_kind(objects, "PodDisruptionBudget")
     for name in WORKLOADS:
         w = workload(objects, name)
-        labels = w["spec"]["template"]["metadata"]["labels"]
-        covering = [p for p in pdbs if _selects(p["spec"]["selector"], labels)]
-        assert len(covering) == 1, name
-        spec = covering[0]["spec"]
-        replicas = w["spec"].get("replicas")
-        if replicas == 1:  # minAvailable 1 on a single pod would block every node drain
+        spec = _budget(objects, w)
+        if _min_replicas(objects, w) == 1:
+            # minAvailable 1 on a single pod would block every node drain.
             assert spec.get("maxUnavailable", 0) >= 1 or spec.get("minAvailable") == 0, name
 
 
-def test_autoscaling_and_the_single_writer_retriever(objects: tuple[dict[str, Any], ...]) -> None:
-    hpas = {h["metadata"]["name"]: h for h in by_kind(objects, "HorizontalPodAutoscaler")}
+def test_autoscaling_targets_the_stateless_deployments(
+    objects: tuple[dict[str, Any], ...],
+) -> None:
+    hpas = _hpas(objects)
     assert set(hpas) == {"gateway", "retriever"}
-    for h in hpas.values():
+    for name, h in hpas.items():
         assert h["apiVersion"] == "autoscaling/v2"
-    assert hpas["gateway"]["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": "gateway",
-    }
-    assert hpas["gateway"]["spec"]["minReplicas"] >= 2
-    # The HPA owns the gateway's replica count: apply must not reset it.
-    assert "replicas" not in workload(objects, "gateway")["spec"]
-    # Each retriever replica journals its own writes and versions: one replica.
-    retriever = get(objects, "StatefulSet", "retriever")
-    assert hpas["retriever"]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
-    assert hpas["retriever"]["spec"]["minReplicas"] == 1
-    assert hpas["retriever"]["spec"]["maxReplicas"] == 1
-    assert retriever["spec"]["replicas"] == 1
-    # ... with its data directory on a persistent volume.
-    data_dir = config_of(objects, retriever)["RAGLINE_RETRIEVER_DATA_DIR"]
-    claims = {t["metadata"]["name"] for t in retriever["spec"]["volumeClaimTemplates"]}
+        assert h["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": name,
+        }
+        w = workload(objects, name)
+        assert w["kind"] == "Deployment", name
+        # Two at least, so a restart or a drain leaves one serving, and room to grow.
+        assert h["spec"]["minReplicas"] >= 2, name
+        assert h["spec"]["maxReplicas"] > h["spec"]["minReplicas"], name
+        # The HPA owns the replica count: apply must not reset it.
+        assert "replicas" not in w["spec"], name
+        # A rollout surges a ready pod in before it takes one out.
+        rolling = w["spec"]["strategy"]["rollingUpdate"]
+        assert w["spec"]["strategy"]["type"] == "RollingUpdate", name
+        assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1, name
+        # ... and its replicas spread over nodes where there are several.
+        spread = pod_spec(w).get("topologySpreadConstraints", [])
+        assert any(
+            c["topologyKey"] == "kubernetes.io/hostname"
+            and _selects(c["labelSelector"], w["spec"]["template"]["metadata"]["labels"])
+            for c in spread
+        ), name
+
+
+def test_the_retriever_runs_replicas_without_volumes(
+    objects: tuple[dict[str, Any], ...],
+) -> None:
+    """The write log, index versions, jobs and leases live in Redis and the stores are
+    remote: retriever pods keep nothing, so they run as a Deployment of two or more with no
+    persistent volume, and a drain keeps one serving."""
+    retriever = workload(objects, "retriever")
+    assert retriever["kind"] == "Deployment"
+    assert not [s for s in by_kind(objects, "StatefulSet") if name_label(s) == "retriever"]
+    assert _min_replicas(objects, retriever) >= 2
+    assert "volumeClaimTemplates" not in retriever["spec"]
+    volumes = {v["name"]: v for v in pod_spec(retriever).get("volumes", [])}
+    assert not [v for v in volumes.values() if "persistentVolumeClaim" in v], volumes
+    # DATA_DIR is scratch: an emptyDir, mounted where the setting points.
+    env = config_of(objects, retriever)
     mounts = {
         m["mountPath"]: m["name"] for m in pod_spec(retriever)["containers"][0]["volumeMounts"]
     }
-    assert mounts.get(data_dir) in claims
+    data = mounts.get(env["RAGLINE_RETRIEVER_DATA_DIR"])
+    assert data and "emptyDir" in volumes[data], "DATA_DIR on an emptyDir"
+    # Nothing durable in it: remote stores, not the embedded ones that live in DATA_DIR.
+    assert env["RAGLINE_RETRIEVER_LEXICAL_BACKEND"] == "elasticsearch"
+    assert env.get("RAGLINE_RETRIEVER_MILVUS_URI", "").startswith("http")
+    assert env["RAGLINE_RETRIEVER_WRITE_LOG_URL"].startswith("redis://")
+    # A drain keeps one serving.
+    budget = _budget(objects, retriever)
+    assert budget.get("minAvailable") == 1 or (
+        budget.get("maxUnavailable") == 1 and _min_replicas(objects, retriever) >= 2
+    ), budget
 
 
 # --- GPUs ------------------------------------------------------------------------------------
@@ -552,12 +612,31 @@ def test_redis_egress_reaches_only_the_redis_pods(objects: tuple[dict[str, Any],
             assert peer.get("podSelector", {}).get("matchLabels"), peer
             # Pods of this namespace unless a namespaceSelector narrows it elsewhere.
             assert "ipBlock" not in peer, peer
-    gateway_labels = workload(objects, "gateway")["spec"]["template"]["metadata"]["labels"]
-    egress = _peers(_policies_for(objects, gateway_labels), "egress")
-    assert {"peers": [_pod_peer("redis")], "ports": [{"port": 6379}]} in egress
+    for name in REDIS_URLS:
+        labels = workload(objects, name)["spec"]["template"]["metadata"]["labels"]
+        egress = _peers(_policies_for(objects, labels), "egress")
+        assert {"peers": [_pod_peer("redis")], "ports": [{"port": 6379}]} in egress, name
     # ... and the try-it Redis' pods carry that label.
     redis_labels = workload(objects, "redis")["spec"]["template"]["metadata"]["labels"]
     assert _selects(_pod_peer("redis")["podSelector"], redis_labels)
+
+
+def test_redis_admits_its_clients_only(objects: tuple[dict[str, Any], ...]) -> None:
+    redis = workload(objects, "redis")
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    policies = _policies_for(objects, labels)
+    assert any("Ingress" in p["spec"]["policyTypes"] for p in policies)
+    port = pod_spec(redis)["containers"][0]["ports"][0]
+    assert (port["name"], port["containerPort"]) == ("redis", 6379)
+    rules = _peers(policies, "ingress")
+    for name in REDIS_URLS:
+        assert any(
+            _pod_peer(name) in (rule["peers"] or [])
+            and any(p["port"] in ("redis", 6379) for p in rule["ports"] or [])
+            for rule in rules
+        ), f"{name} may not reach redis:6379"
+    peers = [peer for rule in rules for peer in rule["peers"]]
+    assert all(peer in [_pod_peer(n) for n in REDIS_URLS] for peer in peers), peers
 
 
 def test_every_pod_may_resolve_names(objects: tuple[dict[str, Any], ...]) -> None:
@@ -663,7 +742,7 @@ def test_every_ragline_container_gets_the_service_token_from_the_secret(
     assert seen == set(SERVICES)
 
 
-def test_redis_requires_the_password_the_gateway_sends(
+def test_redis_requires_the_password_its_clients_send(
     objects: tuple[dict[str, Any], ...],
 ) -> None:
     redis = pod_spec(workload(objects, "redis"))["containers"][0]
@@ -675,17 +754,71 @@ def test_redis_requires_the_password_the_gateway_sends(
     assert _secret_ref(redis, "REDISCLI_AUTH") == (INTERNAL_SECRET, "redis-password")
     assert "redis-cli" in redis["readinessProbe"]["exec"]["command"]
 
-    gateway = pod_spec(workload(objects, "gateway"))["containers"][0]
-    assert _secret_ref(gateway, "REDIS_PASSWORD") == (INTERNAL_SECRET, "redis-password")
-    names = [v["name"] for v in gateway["env"]]
-    url = _env_var(gateway, "RAGLINE_GATEWAY_REDIS_URL")["value"]
-    assert url.startswith("redis://:$(REDIS_PASSWORD)@redis:6379/"), url
-    # $(VAR) expands only from variables defined before it.
-    assert names.index("REDIS_PASSWORD") < names.index("RAGLINE_GATEWAY_REDIS_URL")
-    # Not also set by the ConfigMap, where a change would be silently overridden.
-    cms = [s["configMapRef"]["name"] for s in gateway["envFrom"] if "configMapRef" in s]
-    for cm in cms:
-        assert "RAGLINE_GATEWAY_REDIS_URL" not in get(objects, "ConfigMap", cm)["data"]
+    # The gateway's Redis URL, and the retriever's write log in the same Redis.
+    for name, var in REDIS_URLS.items():
+        c = pod_spec(workload(objects, name))["containers"][0]
+        assert _secret_ref(c, "REDIS_PASSWORD") == (INTERNAL_SECRET, "redis-password"), name
+        names = [v["name"] for v in c["env"]]
+        url = _env_var(c, var)["value"]
+        assert url.startswith("redis://:$(REDIS_PASSWORD)@redis:6379/"), (name, url)
+        # $(VAR) expands only from variables defined before it.
+        assert names.index("REDIS_PASSWORD") < names.index(var), name
+        # Not also set by the ConfigMap, where a change would be silently overridden.
+        cms = [s["configMapRef"]["name"] for s in c["envFrom"] if "configMapRef" in s]
+        for cm in cms:
+            assert var not in get(objects, "ConfigMap", cm)["data"], (name, cm)
+
+
+def _redis_args(objects: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    redis = pod_spec(workload(objects, "redis"))["containers"][0]
+    args = redis.get("command", []) + redis.get("args", [])
+    options = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            assert i + 1 < len(args), arg
+            options[arg[2:]] = args[i + 1]
+    return options
+
+
+REDIS_UNITS = {None: 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+K8S_UNITS = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+
+
+def _bytes(size: str) -> int:
+    """A Redis size (`512mb`) in bytes."""
+    match = re.fullmatch(r"(\d+)(b|kb|mb|gb)?", size.lower())
+    assert match, size
+    return int(match.group(1)) * REDIS_UNITS[match.group(2)]
+
+
+def _quantity(value: str) -> int:
+    """A Kubernetes memory quantity (`1Gi`) in bytes."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", str(value))
+    assert match, value
+    return int(match.group(1)) * K8S_UNITS[match.group(2)]
+
+
+def test_redis_keeps_the_retriever_write_log(objects: tuple[dict[str, Any], ...]) -> None:
+    """The write log's keys carry no TTL: Redis must never evict them (a volatile-* policy
+    evicts only keys with a TTL) and must keep acknowledged writes across a restart (AOF,
+    on a volume; the retriever waits for its appends to reach it with WAITAOF)."""
+    options = _redis_args(objects)
+    assert options.get("appendonly") == "yes", options
+    assert options.get("appendfsync", "everysec") in ("everysec", "always"), options
+    assert options.get("maxmemory-policy", "").startswith("volatile-"), options
+    maxmemory = _bytes(options["maxmemory"])
+    assert maxmemory >= 512 * 1024**2, "room for a queued ingest job's documents"
+    redis = workload(objects, "redis")
+    limit = _quantity(pod_spec(redis)["containers"][0]["resources"]["limits"]["memory"])
+    assert limit > maxmemory * 1.25, "room for overhead and the AOF rewrite's fork"
+    # The append-only file on a persistent volume, mounted at --dir.
+    claims = {t["metadata"]["name"] for t in redis["spec"].get("volumeClaimTemplates", [])}
+    mounts = {m["mountPath"]: m["name"] for m in pod_spec(redis)["containers"][0]["volumeMounts"]}
+    assert mounts.get(options["dir"]) in claims
+    # WAITAOF is Redis 7.2+.
+    image = pod_spec(redis)["containers"][0]["image"]
+    version = re.search(r":(\d+)\.(\d+)", image)
+    assert version and (int(version.group(1)), int(version.group(2))) >= (7, 2), image
 
 
 def test_service_monitor_scrapes_the_metrics_ports(objects: tuple[dict[str, Any], ...]) -> None:

@@ -12,8 +12,10 @@ container is SIGTERMed and must exit 0 within its grace period.
 Departures from a cluster, each needed to run on one machine: every service listens on a
 free port (its RAGLINE_*_PORT) and reaches the others on loopback instead of at Service
 names; the retriever uses its embedded stores (Elasticsearch cannot run here; the cpu
-overlay's try-it Elasticsearch and Milvus are stock images); the api-keys Secret is a
-folder mounted read-only where the manifest mounts the Secret.
+overlay's try-it Elasticsearch and Milvus are stock images), so its data folder, an
+emptyDir in the manifest, is a volume here that outlives its restart (its write log is in
+the Redis beside it, as in the cluster); the api-keys Secret is a folder mounted
+read-only where the manifest mounts the Secret.
 
 Skipped, with the reason, only where neither docker nor podman can run containers. The
 first build on a clean machine takes about 4 minutes (README, "Images").
@@ -154,12 +156,20 @@ class Spec:
         return float(self.pod.get("terminationGracePeriodSeconds", 30))
 
     def mounts(self) -> dict[str, dict[str, Any]]:
-        """mountPath -> the volume behind it ({"claim": name} for a volume claim)."""
+        """mountPath -> the volume behind it ({"claim": name} for a volume claim).
+
+        The retriever's data folder is an emptyDir in the manifest (with remote stores it
+        holds nothing durable); here it holds the embedded stores, so it is a volume that
+        outlives the restart, named "data" like a claim."""
         volumes = {v["name"]: v for v in self.pod.get("volumes", [])}
+        data_dir = self.env.get("RAGLINE_RETRIEVER_DATA_DIR")
         found = {}
         for mount in self.container.get("volumeMounts", []):
             name = mount["name"]
-            found[mount["mountPath"]] = {"claim": name} if name in self.claims else volumes[name]
+            if name in self.claims or mount["mountPath"] == data_dir:
+                found[mount["mountPath"]] = {"claim": "data"}
+            else:
+                found[mount["mountPath"]] = volumes[name]
         return found
 
 
@@ -278,6 +288,8 @@ def container_env(spec: Spec, ports: dict[str, int], redis_port: int) -> dict[st
     if spec.service == "retriever":
         for setting in ("LEXICAL_BACKEND", "ES_URL", "DENSE_BACKEND", "MILVUS_URI"):
             env.pop(f"{prefix}_{setting}", None)
+        # The shared write log in the Redis beside it, as in the cluster.
+        env[f"{prefix}_WRITE_LOG_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     return env
 
 
