@@ -262,6 +262,7 @@ def drop_prefixed(uri: str, prefix: str) -> None:
     finally:
         client.close()
 
+
 def main() -> None:
     python = installed_python()
     if python is None:
@@ -284,4 +285,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -29,6 +29,11 @@ DEGRADED_ANSWERS = Counter(
 UPSTREAM_ERRORS = Counter(
     "ragline_upstream_errors_total", "Failed calls to upstream services.", ["upstream"]
 )
+UPSTREAM_RETRIES = Counter(
+    "ragline_upstream_retries_total",
+    "Idempotent upstream calls retried on another replica (connection failure or 503).",
+    ["upstream"],
+)
 UPSTREAM_UP = Gauge(
     "ragline_upstream_up",
     "1 while the upstream answers its health probes, 0 once it is known down (fail fast).",
@@ -59,6 +64,7 @@ for _stage in ("lexical", "dense", "rerank", "memory", "rewrite"):
     DEGRADED_ANSWERS.labels(_stage)
 for _upstream in ("retriever", "reranker", "llm"):
     UPSTREAM_ERRORS.labels(_upstream)
+UPSTREAM_RETRIES.labels("retriever")
 for _outcome in ("completed", "incomplete", "cached"):
     ANSWERS.labels(_outcome)
 for _limit in ("rate", "streams"):

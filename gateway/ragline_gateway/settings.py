@@ -26,6 +26,8 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RAGLINE_GATEWAY_", extra="ignore")
 
     port: int = 8000
+    # One base URL (Kubernetes: the Service), or several comma-separated, one per replica:
+    # taken in turn, a read retried once on the next (clients/retriever.py).
     retriever_url: str = "http://127.0.0.1:8001"
     reranker_url: str = "http://127.0.0.1:8002"
     # The reranker's protocol: `rerank` (reranker-svc, vLLM, Jina, Cohere, Infinity) or

@@ -118,13 +118,18 @@ class UpstreamClient:
             down = misses >= misses_to_down
             if down != self.known_down:
                 self.known_down = down
-                UPSTREAM_UP.labels(self.name).set(0 if down else 1)
-                if down:
-                    log.warning("upstream down: failing its requests fast until it answers",
-                                extra={"upstream": self.name, "probes_missed": misses})  # fmt: skip
-                else:
-                    log.warning("upstream answering again", extra={"upstream": self.name})
+                self.health_changed(down, misses)
             await asyncio.sleep(interval)
+
+    def health_changed(self, down: bool, misses: int) -> None:
+        """`watch` found the upstream down, or answering again: the gauge and a log line.
+        (The retriever's replicas override it: clients/retriever.py.)"""
+        UPSTREAM_UP.labels(self.name).set(0 if down else 1)
+        if down:
+            log.warning("upstream down: failing its requests fast until it answers",
+                        extra={"upstream": self.name, "probes_missed": misses})  # fmt: skip
+        else:
+            log.warning("upstream answering again", extra={"upstream": self.name})
 
     def observe_health(self, status: int, payload: Any) -> None:
         """A health probe's answer (status, JSON body or None), for clients that learn
