@@ -5,17 +5,21 @@ applied by the other once the lease expires; both read one index version.
 
 Real redis-server, real embedded stores (tantivy and Milvus Lite, shared by the two
 writers as two replicas share Elasticsearch and a Milvus server). The process-level
-version, with SIGKILL, is tests/test_retriever_replicas.py.
+version, with SIGKILL, is tests/test_retriever_replicas.py; the last test here kills
+Redis under a real retriever process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -27,6 +31,8 @@ from ragline_retriever.journal import WriteOp
 from ragline_retriever.leases import LeaseBusy, RedisLeases
 from ragline_retriever.redis_journal import RedisJournal
 from ragline_retriever.writes import StoreWriter
+
+from service_helpers import assert_error, running_service
 
 DIM = 4
 COLLECTION = "kb"
@@ -164,3 +170,46 @@ def test_a_lease_is_renewed_while_held_and_released_after(redis_url: str) -> Non
             await two.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_with_the_write_log_down_writes_are_503_and_searches_go_on(tmp_path: Path) -> None:
+    """A real retriever process on the Redis write log: Redis is SIGKILLed, and the
+    callers get what ARCHITECTURE.md promises (writes, jobs and versions a clear 503 to
+    retry; retrieval unaffected); a Redis back on the same port takes writes again."""
+    port = free_port()
+    redis_proc = redis_server(port, tmp_path / "redis").start()
+    env = {
+        "RAGLINE_RETRIEVER_DATA_DIR": str(tmp_path / "data"),
+        "RAGLINE_RETRIEVER_WRITE_LOG_URL": f"redis://127.0.0.1:{port}/0",
+    }
+    docs = {"documents": [{"id": "tide", "text": "The tide tables are printed every May."}]}
+    try:
+        redis_proc.wait_ready(30)
+        with running_service("retriever-log", "ragline_retriever", env, tmp_path / "logs") as svc:
+            documents = f"{svc.url}/v1/collections/{COLLECTION}/documents"
+            assert httpx.post(documents, json=docs, timeout=60).status_code == 200
+            assert redis_proc.pid is not None
+            os.kill(redis_proc.pid, signal.SIGKILL)
+            redis_proc.stop()  # reaps it
+
+            for response in (
+                httpx.post(documents, json=docs, timeout=60),
+                httpx.post(f"{svc.url}/v1/collections/{COLLECTION}/jobs", json=docs, timeout=60),
+                httpx.get(f"{svc.url}/v1/collections/{COLLECTION}/version", timeout=60),
+            ):
+                assert_error(response, 503, "write_log_unavailable")
+                assert response.headers["retry-after"] == "5"
+            found = httpx.post(
+                f"{svc.url}/v1/retrieve",
+                json={"query": "tide tables", "collection": COLLECTION, "top_k": 3},
+                timeout=60,
+            )
+            assert found.status_code == 200 and found.json()["degraded"] == []
+            assert [hit["doc_id"] for hit in found.json()["hits"]] == ["tide"]
+
+            redis_proc = redis_server(port, tmp_path / "redis-again").start()
+            redis_proc.wait_ready(30)
+            assert httpx.post(documents, json=docs, timeout=60).status_code == 200
+    finally:
+        redis_proc.stop()
