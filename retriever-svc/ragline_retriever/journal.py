@@ -196,14 +196,7 @@ class Journal:
             ).fetchone()
         if row is None:
             raise KeyError(seq)
-        chunks, vectors, dim, deletes = row
-        payloads = orjson.loads(chunks)
-        matrix = np.frombuffer(vectors, dtype=np.float32).reshape(len(payloads), dim)
-        return WriteOp(
-            chunks=[Chunk.from_payload(p) for p in payloads],
-            vectors=matrix.tolist(),
-            delete_doc_ids=list(orjson.loads(deletes)),
-        )
+        return decode(*row)
 
     def mark_done(self, seq: int, store: str, collection: str | None = None) -> None:
         """Records that `store` applied write `seq` (now visible to its searches) and bumps
@@ -278,21 +271,45 @@ class Journal:
             self._db.close()
 
 
-def _insert(db: sqlite3.Connection, collection: str, op: WriteOp) -> int:
-    dim = len(op.vectors[0]) if op.vectors else 0
-    vectors = np.asarray(op.vectors, dtype=np.float32).reshape(len(op.vectors), dim)
-    cursor = db.execute(
-        "INSERT INTO writes (collection, written_doc_ids, delete_doc_ids, chunks, vectors, dim,"
-        " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            collection,
+@dataclass
+class Encoded:
+    """A WriteOp as both journals store it: JSON lists, and the vectors as float32 rows."""
+
+    written_doc_ids: bytes
+    delete_doc_ids: bytes
+    chunks: bytes
+    vectors: bytes
+    dim: int
+
+    @classmethod
+    def of(cls, op: WriteOp) -> Encoded:
+        dim = len(op.vectors[0]) if op.vectors else 0
+        vectors = np.asarray(op.vectors, dtype=np.float32).reshape(len(op.vectors), dim)
+        return cls(
             orjson.dumps(op.written_doc_ids),
             orjson.dumps(op.delete_doc_ids),
             orjson.dumps([c.payload() for c in op.chunks]),
             vectors.tobytes(),
             dim,
-            time.time(),
-        ),
+        )
+
+
+def decode(chunks: bytes, vectors: bytes, dim: int, delete_doc_ids: bytes) -> WriteOp:
+    payloads = orjson.loads(chunks)
+    matrix = np.frombuffer(vectors, dtype=np.float32).reshape(len(payloads), dim)
+    return WriteOp(
+        chunks=[Chunk.from_payload(p) for p in payloads],
+        vectors=matrix.tolist(),
+        delete_doc_ids=list(orjson.loads(delete_doc_ids)),
+    )
+
+
+def _insert(db: sqlite3.Connection, collection: str, op: WriteOp) -> int:
+    e = Encoded.of(op)
+    cursor = db.execute(
+        "INSERT INTO writes (collection, written_doc_ids, delete_doc_ids, chunks, vectors, dim,"
+        " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (collection, e.written_doc_ids, e.delete_doc_ids, e.chunks, e.vectors, e.dim, time.time()),
     )
     return int(cursor.lastrowid or 0)
 

@@ -37,13 +37,11 @@ import logging
 import secrets
 import time
 
-import numpy as np
 import orjson
 import redis
 import redis.asyncio as aioredis
 
-from ragline_retriever.backends.base import Chunk
-from ragline_retriever.journal import STORES, Entry, WriteOp
+from ragline_retriever.journal import STORES, Encoded, Entry, WriteOp, decode
 
 log = logging.getLogger("ragline.retriever.journal")
 
@@ -197,21 +195,12 @@ class RedisJournal:
         return f"{self.epoch}-{int(counter or 0)}"
 
     def append(self, collection: str, op: WriteOp) -> int:
-        dim = len(op.vectors[0]) if op.vectors else 0
-        vectors = np.asarray(op.vectors, dtype=np.float32).reshape(len(op.vectors), dim)
+        e = Encoded.of(op)
         seq = self._append(
             keys=[self._key("seq"), self._key("pending"), self._key("collections")],
-            args=[
-                self.prefix,
-                collection,
-                orjson.dumps(op.written_doc_ids),
-                orjson.dumps(op.delete_doc_ids),
-                orjson.dumps([c.payload() for c in op.chunks]),
-                vectors.tobytes(),
-                dim,
-                time.time(),
-            ],
-        )
+            args=[self.prefix, collection, e.written_doc_ids, e.delete_doc_ids, e.chunks,
+                  e.vectors, e.dim, time.time()],
+        )  # fmt: skip
         self._durable()
         return int(seq)
 
@@ -245,15 +234,7 @@ class RedisJournal:
         )
         if chunks is None:
             raise KeyError(seq)
-        payloads = orjson.loads(chunks)
-        matrix = np.frombuffer(vectors or b"", dtype=np.float32).reshape(
-            len(payloads), int(dim or 0)
-        )
-        return WriteOp(
-            chunks=[Chunk.from_payload(p) for p in payloads],
-            vectors=matrix.tolist(),
-            delete_doc_ids=list(orjson.loads(deletes)),
-        )
+        return decode(chunks, vectors or b"", int(dim or 0), deletes)
 
     def mark_done(self, seq: int, store: str, collection: str | None = None) -> None:
         if store not in STORES:
