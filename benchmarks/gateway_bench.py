@@ -15,6 +15,13 @@ and measures, each figure beside its baseline from the same run:
 2. `relay`: CPU the gateway spends per token relayed (utime + stime from /proc, before
    and after), with many concurrent streams through nginx, at two answer lengths: the
    difference between them is the cost of a token without the per-request part.
+   With `--peers`, the same streams also go through relays of llm-svc's own API
+   (peers.py): a bare nginx (the floor of a relay) and LiteLLM's proxy (installed into
+   `.venv-litellm` where missing, though never by `--smoke`: its row is skipped then),
+   each sent the body the gateway sends llm-svc. The relays take turns in `--rounds`
+   rounds; per relay, µs CPU per token, its ratio to the gateway's, and the RSS its
+   processes grew by per open stream (over themselves idle; the gateway is restarted for
+   it), beside llm-svc's CPU per token over all of them.
 3. `streams`: open streams held by one gateway worker (clients straight to the gateway),
    stepped up through `--streams`, each a token every 100 ms; per step the added
    inter-token delay (gap minus the interval) p50/p99, errors, and RSS growth per open
@@ -36,6 +43,8 @@ Run from the repository root (progress on stderr, tables or `--json` on stdout):
     .venv/bin/python benchmarks/gateway_bench.py
     .venv/bin/python benchmarks/gateway_bench.py --only overhead --concurrency 1,100
     .venv/bin/python benchmarks/gateway_bench.py --smoke      # seconds: CI's check that it runs
+    .venv/bin/python benchmarks/gateway_bench.py --only relay --peers   # beside nginx, LiteLLM
+    .venv/bin/python benchmarks/gateway_bench.py --smoke --only relay --peers nginx
 
 A full run takes about 11 minutes on 2 cores. Do not run it beside other heavy work (a
 test suite, another benchmark): the services and the client share the cores, and the
@@ -46,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -55,7 +65,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +74,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import peers
 from procstat import CpuMeter, machine, rss_bytes
 from streamclient import (
     Pool,
@@ -75,12 +86,14 @@ from streamclient import (
     stream_llm,
 )
 
+from ragline_cli.processes import ManagedProcess, ProcessFailed, free_port
 from ragline_cli.stack import Stack, StackConfig
 from ragline_common.passages import Passage
 from ragline_gateway.prompt import build_messages
 
 COLLECTION = "bench"
 MAX_TOKENS = 8192  # the gateway's MAX_TOKENS: the fixed engine's count decides the length
+LLM_MODEL = "ragline-fixed"  # the fixed engine's own name, set so peers know it beforehand
 SERVICES = ("nginx", "gateway", "retriever", "reranker", "llm", "redis")
 
 TOPICS = [
@@ -226,6 +239,7 @@ class BenchStack:
             {
                 "llm": {
                     "RAGLINE_LLM_ENGINE": "fixed",
+                    "RAGLINE_LLM_MODEL_NAME": LLM_MODEL,
                     "RAGLINE_LLM_FIXED_TOKENS": "16",
                     "RAGLINE_LLM_TOKEN_INTERVAL_MS": "5",
                     "RAGLINE_LLM_MAX_CONCURRENCY": headroom,
@@ -426,47 +440,344 @@ async def bench_overhead(bs: BenchStack, plan: Plan) -> list[dict[str, Any]]:
 # --- 2. relay cost per token ---------------------------------------------------------------
 
 
-async def bench_relay(bs: BenchStack, plan: Plan) -> dict[str, Any]:
+@dataclass
+class Relay:
+    """One way llm-svc's tokens reach the client: how an answer is asked for, and which of
+    the measured processes are the relay (their CPU and memory are its cost)."""
+
+    name: str
+    label: str
+    ask: Ask
+    processes: tuple[str, ...]
+    pids: Callable[[], dict[str, int]]  # the relay's processes and llm-svc, looked up anew
+    close: Callable[[], None]
+
+
+def gateway_relay(bs: BenchStack) -> Relay:
     pool = bs.pool("nginx")
-    runs = []
-    for tokens, per_worker in zip(plan.relay_tokens, plan.relay_requests, strict=True):
-        bs.fixed_engine(tokens, plan.relay_interval_ms)
-        await asyncio.gather(
-            *(ask_native(pool, QUESTIONS[i % len(QUESTIONS)], COLLECTION)
-              for i in range(plan.warmup))
-        )  # fmt: skip
-        log(f"relay: {plan.relay_streams} streams of {tokens} tokens")
-        spread = tokens * plan.relay_interval_ms / 1000
-        phase = await closed_loop(
-            lambda i: ask_native(pool, QUESTIONS[i % len(QUESTIONS)], COLLECTION),
-            plan.relay_streams, per_worker, spread, CpuMeter(bs.pids()),
-        )  # fmt: skip
-        relayed = sum(r.tokens for r in phase.results)
-        answers = len(phase.results)
-        runs.append(
-            {
-                "tokens_per_answer": tokens,
-                "answers": answers,
-                "errors": errors(phase.results),
-                "first_error": first_error(phase.results),
-                "tokens_relayed": relayed,
-                "tokens_per_s": relayed / phase.cpu["wall"],
-                "cpu_s": phase.cpu,
-                "us_per_token": per(phase.cpu, 1e6 / relayed),
-                "ms_per_answer": per(phase.cpu, 1e3 / answers),
-            }
-        )
-    pool.close()
-    short, long = runs
-    # The per-token part: the difference in CPU per answer over the difference in tokens.
-    extra_tokens = (long["tokens_relayed"] / long["answers"]
-                    - short["tokens_relayed"] / short["answers"])  # fmt: skip
-    marginal = {
+    return Relay(
+        "gateway", "ragline: nginx → gateway",
+        lambda i: ask_native(pool, QUESTIONS[i % len(QUESTIONS)], COLLECTION),
+        ("gateway", "nginx"), bs.pids, pool.close,
+    )  # fmt: skip
+
+
+def openai_relay(
+    name: str, label: str, pool: Pool, up: Upstreams, pids: Callable[[], dict[str, int]]
+) -> Relay:
+    """A relay of llm-svc's own API: the client sends it what the gateway sends llm-svc
+    (a question of the list with five passages, streamed, usage included)."""
+    passages = [Passage(n, title, text) for n, (title, text) in enumerate(TOPICS[:5], 1)]
+    bodies = [up.llm_body(build_messages(q, passages, [])) for q in QUESTIONS]
+    via = replace(up, llm=pool)
+    return Relay(name, label, lambda i: stream_llm(via, bodies[i % len(bodies)]),
+                 (name,), pids, pool.close)  # fmt: skip
+
+
+async def relay_phase(relay: Relay, plan: Plan, per_worker: int, spread: float,
+                      peaks: dict[str, int]) -> Phase:  # fmt: skip
+    """`closed_loop` on the relay, noting in `peaks` the highest RSS of each of its
+    processes (and their children) while the streams are open, four times a second."""
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            pids = relay.pids()
+            for name in relay.processes:
+                peaks[name] = max(peaks.get(name, 0), rss_bytes(pids[name], tree=True))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.25)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        return await closed_loop(relay.ask, plan.relay_streams, per_worker, spread,
+                                 CpuMeter(relay.pids()))  # fmt: skip
+    finally:
+        done.set()
+        await sampler
+
+
+def relay_run(tokens: int, phases: list[Phase]) -> dict[str, Any]:
+    """One answer length on one relay, its rounds added up."""
+    results = [r for ph in phases for r in ph.results]
+    # Processes measured in every phase (llm-svc, the client, the wall clock, when they
+    # are phases of several relays).
+    keys = [k for k in phases[0].cpu if all(k in ph.cpu for ph in phases)]
+    cpu = {k: sum(ph.cpu[k] for ph in phases) for k in keys}
+    relayed = sum(r.tokens for r in results)
+    return {
+        "tokens_per_answer": tokens,
+        "answers": len(results),
+        "errors": errors(results),
+        "first_error": first_error(results),
+        "tokens_relayed": relayed,
+        "tokens_per_s": relayed / cpu["wall"],
+        "cpu_s": cpu,
+        "us_per_token": per(cpu, 1e6 / max(relayed, 1)),
+        "ms_per_answer": per(cpu, 1e3 / max(len(results), 1)),
+    }
+
+
+def marginal_us(short: dict[str, Any], long: dict[str, Any]) -> dict[str, float]:
+    """The per-token part: the difference in CPU per answer over the difference in tokens."""
+    extra_tokens = (long["tokens_relayed"] / max(long["answers"], 1)
+                    - short["tokens_relayed"] / max(short["answers"], 1))  # fmt: skip
+    return {
         k: 1000 * (long["ms_per_answer"][k] - short["ms_per_answer"][k]) / extra_tokens
         for k in long["ms_per_answer"]
     }
-    return {"streams": plan.relay_streams, "interval_ms": plan.relay_interval_ms,
-            "runs": runs, "marginal_us_per_token": marginal}  # fmt: skip
+
+
+async def measure_relays(bs: BenchStack, plan: Plan, relays: list[Relay],
+                         rounds: int) -> dict[str, Any]:  # fmt: skip
+    """Every relay at both answer lengths, the relays in turn within each round (the order
+    reversed every other round, as in `overhead`); per relay its runs, the per-token part,
+    and the RSS its processes grew by over their idle selves, per open stream."""
+    phases: dict[tuple[str, int], list[Phase]] = {}
+    idle: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    for tokens, per_worker in zip(plan.relay_tokens, plan.relay_requests, strict=True):
+        bs.fixed_engine(tokens, plan.relay_interval_ms)
+        for relay in relays:
+            warm = await asyncio.gather(*(relay.ask(i) for i in range(plan.warmup)))
+            if errors(warm):
+                log(f"relay: warm-up via {relay.name}: {errors(warm)} errors "
+                    f"({first_error(warm)})")  # fmt: skip
+            for name, pid in relay.pids().items():
+                if name in relay.processes:
+                    idle.setdefault(name, rss_bytes(pid, tree=True))
+        spread = tokens * plan.relay_interval_ms / 1000
+        for round_no in range(rounds):
+            for relay in relays if round_no % 2 == 0 else relays[::-1]:
+                log(f"relay: {plan.relay_streams} streams of {tokens} tokens via {relay.name}"
+                    + (f", round {round_no + 1}/{rounds}" if rounds > 1 else ""))  # fmt: skip
+                phase = await relay_phase(relay, plan, per_worker, spread, peaks)
+                phases.setdefault((relay.name, tokens), []).append(phase)
+    out = {}
+    for relay in relays:
+        runs = [relay_run(tokens, phases[(relay.name, tokens)]) for tokens in plan.relay_tokens]
+        out[relay.name] = {
+            "label": relay.label,
+            "processes": list(relay.processes),
+            "runs": runs,
+            "marginal_us_per_token": marginal_us(*runs),
+            "rss_per_stream_kib": {
+                name: (peaks[name] - idle[name]) / plan.relay_streams / 1024
+                for name in relay.processes
+            },
+        }
+    # llm-svc made every relay's tokens: its CPU over all of them.
+    every = [relay_run(t, [ph for r in relays for ph in phases[(r.name, t)]])
+             for t in plan.relay_tokens]  # fmt: skip
+    out["all"] = {"runs": every, "marginal_us_per_token": marginal_us(*every)}
+    return out
+
+
+async def bench_relay(bs: BenchStack, plan: Plan, peer_plan: PeerPlan | None) -> dict[str, Any]:
+    relays = [gateway_relay(bs)]
+    try:
+        if peer_plan is not None:
+            # A fresh gateway: RSS never shrinks, and the other parts may have grown it.
+            bs.restart("gateway", {})
+            relays += await start_peers(bs, peer_plan)
+        measured = await measure_relays(bs, plan, relays, plan.rounds if peer_plan else 1)
+    finally:
+        for relay in relays:
+            relay.close()
+        if peer_plan is not None:
+            stop_peers(peer_plan)
+    gateway = measured["gateway"]
+    out = {
+        "streams": plan.relay_streams,
+        "interval_ms": plan.relay_interval_ms,
+        "runs": gateway["runs"],
+        "marginal_us_per_token": gateway["marginal_us_per_token"],
+    }
+    if peer_plan is not None:
+        out["peers"] = peer_report(plan, peer_plan, measured)
+    return out
+
+
+# --- 2b. peers of the relay (--peers) --------------------------------------------------------
+
+
+@dataclass
+class PeerPlan:
+    """Which peers `--peers` asked for, and what is known of LiteLLM before the run."""
+
+    nginx: bool
+    litellm: bool
+    litellm_version: str | None = None
+    litellm_install_s: float | None = None  # None: nothing was installed by this run
+    litellm_skipped: str | None = None  # why there is no LiteLLM row
+    launched: bool = False
+    processes: list[PeerProcess] = field(default_factory=list)
+
+
+def prepare_peers(names: set[str], may_install: bool) -> PeerPlan:
+    """Before the stack starts: LiteLLM installed into `.venv-litellm` where it is missing
+    and `may_install` (a `--smoke` run never installs: the row is skipped instead)."""
+    plan = PeerPlan(nginx="nginx" in names, litellm="litellm" in names)
+    if not plan.litellm:
+        return plan
+    plan.litellm_version = peers.litellm_version()
+    if plan.litellm_version is None and not may_install:
+        plan.litellm_skipped = (f"LiteLLM not installed in {peers.LITELLM_VENV.name} "
+                                "(`--peers` without `--smoke` installs it)")  # fmt: skip
+    elif plan.litellm_version is None:
+        log(f"installing {peers.LITELLM_PACKAGE} into {peers.LITELLM_VENV.name} with uv")
+        seconds, why = peers.install_litellm()
+        plan.litellm_install_s = seconds
+        plan.litellm_version = peers.litellm_version()
+        if why is not None:
+            plan.litellm_skipped = f"LiteLLM install failed after {seconds:.0f} s: {why}"
+        else:
+            log(f"installed litellm {plan.litellm_version} in {seconds:.1f} s")
+    if plan.litellm_skipped:
+        log(f"the LiteLLM row is skipped: {plan.litellm_skipped}")
+    else:
+        log(f"LiteLLM {plan.litellm_version} from {peers.LITELLM_VENV.name}")
+    return plan
+
+
+@dataclass
+class PeerProcess:
+    name: str  # the relay's name, and its process's in the CPU and memory figures
+    label: str
+    port: int
+    proc: ManagedProcess
+    start_timeout_s: float
+
+
+def launch_peers(bs: BenchStack, plan: PeerPlan) -> None:
+    """Starts the peers asked for on free ports, each relaying to the stack's llm-svc
+    (its port and model are known before it starts), without waiting for them."""
+    if plan.launched:
+        return
+    plan.launched = True
+    llm_port = bs.config.llm_port
+    if plan.nginx:
+        port = free_port()
+        proc = peers.nginx_peer(port, llm_port, bs.work / "peer-nginx")
+        plan.processes.append(PeerProcess("nginx-peer", "nginx → llm-svc (bare relay)", port,
+                                          proc, 30.0))  # fmt: skip
+    if plan.litellm and not plan.litellm_skipped:
+        port = free_port()
+        proc = peers.litellm_peer(port, llm_port, LLM_MODEL, bs.work / "peer-litellm")
+        plan.processes.append(PeerProcess("litellm", "LiteLLM proxy → llm-svc", port, proc,
+                                          peers.START_TIMEOUT_S))  # fmt: skip
+    for peer in plan.processes:
+        log(f"relay: starting {peer.label} on port {peer.port}")
+        peer.proc.start()
+
+
+async def start_peers(bs: BenchStack, plan: PeerPlan) -> list[Relay]:
+    """The peers as relays, once ready (started now if `launch_peers` has not yet). A
+    LiteLLM that does not start is a skipped row; an nginx that does not, an error."""
+    launch_peers(bs, plan)
+    model = (await call_json(bs.pool("llm"), "GET", "/v1/models"))["data"][0]["id"]
+    assert model == LLM_MODEL, f"llm-svc serves {model!r}, the peers were told {LLM_MODEL!r}"
+    up = Upstreams(bs.pool("retriever"), bs.pool("reranker"), bs.pool("llm"), model,
+                   max_tokens=MAX_TOKENS)  # fmt: skip
+    relays = []
+    for peer in plan.processes:
+        try:
+            peer.proc.wait_ready(peer.start_timeout_s)
+        except ProcessFailed as exc:
+            if peer.name != "litellm":
+                raise
+            peer.proc.stop()
+            plan.litellm_skipped = f"LiteLLM did not start: {exc}"[:2000]
+            log(f"the LiteLLM row is skipped: {plan.litellm_skipped}")
+            continue
+        log(f"relay: {peer.label} ready")
+        pid = peer.proc.pid
+        assert pid is not None
+        pids = lambda n=peer.name, p=pid: {n: p, "llm": bs.pid("llm")}  # noqa: E731
+        relays.append(openai_relay(peer.name, peer.label, Pool("127.0.0.1", peer.port), up, pids))
+    return relays
+
+
+def stop_peers(plan: PeerPlan) -> None:
+    for peer in plan.processes:
+        peer.proc.stop()
+
+
+def git_describe() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--tags", "--always", "--dirty"],
+            cwd=peers.REPO_ROOT, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip()
+
+
+# The summary's rows: (label, relay measured, process of it).
+PEER_ROWS = (
+    ("ragline gateway (behind ragline's nginx)", "gateway", "gateway"),
+    ("ragline's nginx, in front of the gateway", "gateway", "nginx"),
+    ("nginx, bare relay of llm-svc", "nginx-peer", "nginx-peer"),
+    ("LiteLLM proxy", "litellm", "litellm"),
+    # llm-svc's own figure while the gateway relays, as in the relay table (it spends
+    # more per token while LiteLLM relays: each relay's llm-svc column shows it).
+    ("llm-svc, making the gateway's tokens", "gateway", "llm"),
+)
+
+
+def ratio(x: float, base: float) -> float | None:
+    """x / base; None where base is no CPU at all (toy sizes: below a clock tick, or a
+    difference of equal tick counts, which is zero give or take a rounding error)."""
+    return x / base if base > 1e-6 else None
+
+
+def peer_report(plan: Plan, peer_plan: PeerPlan, measured: dict[str, Any]) -> dict[str, Any]:
+    """Per relay process: µs CPU per token at the long answers and without the per-answer
+    part, the per-answer part itself, both µs figures over the gateway's, and RSS per open
+    stream."""
+    gateway = measured["gateway"]
+    base_long = gateway["runs"][-1]["us_per_token"]["gateway"]
+    base_marginal = gateway["marginal_us_per_token"]["gateway"]
+    rows = []
+    for label, relay, process in PEER_ROWS:
+        if relay not in measured:
+            continue
+        m = measured[relay]
+        short, long = m["runs"]
+        marginal = m["marginal_us_per_token"][process]
+        short_tokens = short["tokens_relayed"] / max(short["answers"], 1)
+        per_answer_ms = short["ms_per_answer"][process] - marginal * short_tokens / 1000
+        rows.append(
+            {
+                "relay": label,
+                "measured": relay,
+                "process": process,
+                "us_per_token": long["us_per_token"][process],
+                "ratio": ratio(long["us_per_token"][process], base_long),
+                "marginal_us_per_token": marginal,
+                "marginal_ratio": ratio(marginal, base_marginal),
+                "per_answer_ms": per_answer_ms,
+                "rss_per_stream_kib": m.get("rss_per_stream_kib", {}).get(process),
+                "errors": sum(run["errors"] for run in m["runs"]),
+            }
+        )
+    return {
+        "rounds": plan.rounds,
+        "versions": {
+            "ragline": git_describe(),
+            "nginx": machine()["nginx"],
+            "litellm": peer_plan.litellm_version if peer_plan.litellm else None,
+        },
+        "litellm": {
+            "asked": peer_plan.litellm,
+            "install_s": peer_plan.litellm_install_s,
+            "skipped": peer_plan.litellm_skipped,
+        },
+        "relays": {k: v for k, v in measured.items() if k != "all"},
+        "llm_all": measured["all"],
+        "rows": rows,
+    }
 
 
 # --- 3. open streams -----------------------------------------------------------------------
@@ -651,6 +962,8 @@ def print_report(report: dict[str, Any]) -> None:
             f"{'per token, without the per-answer part (difference of the two)':<62}"
             f"{mg['gateway']:>5.1f}{mg['llm']:>9.1f}{mg['nginx']:>7.1f}{mg['client']:>8.1f}"
         )
+        if "peers" in rl:
+            print_peers(rl)
     if "streams" in report:
         st = report["streams"]
         print(f"\n3. Open streams, a token every {st['interval_ms']:g} ms "
@@ -685,12 +998,48 @@ def print_report(report: dict[str, Any]) -> None:
                   f"not from the cache {c['not_cached']}")  # fmt: skip
 
 
-async def run(bs: BenchStack, plan: Plan, only: set[str]) -> dict[str, Any]:
+def print_peers(rl: dict[str, Any]) -> None:
+    pr = rl["peers"]
+    v = pr["versions"]
+    print(f"\n2b. Relay peers: the same {rl['streams']} streams, a token every "
+          f"{rl['interval_ms']:g} ms, the relays in turn, {pr['rounds']} round(s); "
+          f"ragline {v['ragline']}, nginx {v['nginx']}, LiteLLM {v['litellm'] or '-'}")  # fmt: skip
+    if pr["litellm"]["skipped"]:
+        print(f"(no LiteLLM row: {pr['litellm']['skipped'].splitlines()[0]})")
+    print(f"{'tokens/answer':>13}  {'relay':<30}{'answers':>8}{'err':>5}{'tokens':>9}"
+          f"{'tok/s':>8}   µs CPU per token: relay  llm-svc  client")  # fmt: skip
+    for i in range(len(rl["runs"])):
+        for relay in pr["relays"].values():
+            run = relay["runs"][i]
+            u = run["us_per_token"]
+            mine = sum(u[p] for p in relay["processes"])
+            print(f"{run['tokens_per_answer']:>13}  {relay['label']:<30}{run['answers']:>8}"
+                  f"{run['errors']:>5}{run['tokens_relayed']:>9}{run['tokens_per_s']:>8.0f}"
+                  f"   {mine:>22.1f}{u['llm']:>9.1f}{u['client']:>8.1f}")  # fmt: skip
+    long = rl["runs"][-1]["tokens_per_answer"]
+    print(f"\n{'relay':<42}{'µs/token':>9}{'ratio':>7}{'µs/token':>10}{'ratio':>7}"
+          f"{'ms/answer':>10}{'KiB/open':>10}")  # fmt: skip
+    print(f"{'':<42}{f'({long}-token)':>9}{'':>7}{'(marginal)':>10}{'':>7}"
+          f"{'besides':>10}{'stream':>10}")  # fmt: skip
+    for r in pr["rows"]:
+        print(f"{r['relay']:<42}{r['us_per_token']:>9.1f}{_f(r['ratio'], '.2f'):>7}"
+              f"{r['marginal_us_per_token']:>10.1f}{_f(r['marginal_ratio'], '.2f'):>7}"
+              f"{r['per_answer_ms']:>10.2f}{_f(r['rss_per_stream_kib']):>10}")  # fmt: skip
+    for relay in pr["relays"].values():
+        failed = [run for run in relay["runs"] if run["errors"]]
+        if failed:
+            print(f"!! {relay['label']}: {sum(run['errors'] for run in failed)} of "
+                  f"{sum(run['answers'] for run in relay['runs'])} answers failed; "
+                  f"first: {failed[0]['first_error']}")  # fmt: skip
+
+
+async def run(bs: BenchStack, plan: Plan, only: set[str],
+              peer_plan: PeerPlan | None = None) -> dict[str, Any]:  # fmt: skip
     report: dict[str, Any] = {"machine": machine(), "plan": plan.__dict__}
     if "overhead" in only:
         report["overhead"] = await bench_overhead(bs, plan)
     if "relay" in only:
-        report["relay"] = await bench_relay(bs, plan)
+        report["relay"] = await bench_relay(bs, plan, peer_plan)
     if "streams" in only:
         report["streams"] = await bench_streams(bs, plan)
     if "cache" in only:
@@ -708,6 +1057,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, help="overhead: answers started per second")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, not minutes")
+    parser.add_argument(
+        "--peers", nargs="?", const="nginx,litellm", metavar="nginx,litellm",
+        help="relay: other relays of llm-svc beside the gateway, a bare nginx and LiteLLM's "
+             "proxy (installed into .venv-litellm if missing, except with --smoke)",
+    )  # fmt: skip
     parser.add_argument("--work-dir", type=Path, help="default: a temporary directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -726,6 +1080,14 @@ def main() -> None:
     unknown = only - {"overhead", "relay", "streams", "cache"}
     if unknown:
         parser.error(f"unknown --only parts: {', '.join(sorted(unknown))}")
+    peer_plan = None
+    if args.peers is not None:
+        names = {x.strip() for x in args.peers.split(",") if x.strip()}
+        if names - {"nginx", "litellm"}:
+            parser.error(f"unknown --peers: {', '.join(sorted(names - {'nginx', 'litellm'}))}")
+        if "relay" not in only:
+            parser.error("--peers adds to the relay part: --only must include relay")
+        peer_plan = prepare_peers(names, may_install=not args.smoke)
 
     with tempfile.TemporaryDirectory(prefix="ragline-bench-") as tmp:
         work = args.work_dir or Path(tmp)
@@ -734,10 +1096,16 @@ def main() -> None:
         bs = BenchStack(work, plan)
         started = time.perf_counter()
         try:
+            if peer_plan is not None and "overhead" not in only:
+                # The relay part comes first: the peers (LiteLLM imports for seconds) start
+                # beside the stack, while nothing is measured yet.
+                launch_peers(bs, peer_plan)
             bs.start()
             log(f"stack ready in {time.perf_counter() - started:.1f} s")
-            report = uvloop.run(run(bs, plan, only))
+            report = uvloop.run(run(bs, plan, only, peer_plan))
         finally:
+            if peer_plan is not None:
+                stop_peers(peer_plan)
             bs.stop()
     if args.json:
         print(json.dumps(report, indent=2, default=str))

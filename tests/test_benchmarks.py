@@ -141,6 +141,59 @@ def test_gateway_benchmark_smoke_runs_and_prints_its_tables(tmp_path: Path) -> N
         assert title in text.stdout
 
 
+def test_gateway_benchmark_relay_peers_smoke_has_the_bare_nginx_row(tmp_path: Path) -> None:
+    """`--smoke --only relay --peers nginx`: a bare nginx in front of llm-svc relays the
+    same streams as the gateway, in the same run, and gets its row beside the gateway's
+    and llm-svc's (LiteLLM's row is left out: installing it takes too long for CI)."""
+    command = [sys.executable, str(GATEWAY_BENCH), "--smoke", "--only", "relay",
+               "--peers", "nginx", "--work-dir", str(tmp_path), "--json"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"benchmark failed:\n{done.stderr[-6000:]}"
+    report: dict[str, Any] = json.loads(done.stdout)
+
+    peers = report["relay"]["peers"]
+    assert set(peers["relays"]) == {"gateway", "nginx-peer"}
+    for relay in peers["relays"].values():
+        for run in relay["runs"]:
+            assert run["errors"] == 0, run
+            assert run["tokens_relayed"] == run["answers"] * run["tokens_per_answer"]
+            assert all(run["us_per_token"][p] >= 0 for p in relay["processes"])
+    assert [r["process"] for r in peers["rows"]] == ["gateway", "nginx", "nginx-peer", "llm"]
+    assert peers["rows"][0]["ratio"] in (1.0, None)  # None: no CPU tick at toy sizes
+    assert peers["versions"]["nginx"] and peers["versions"]["ragline"]
+    assert peers["litellm"] == {"asked": False, "install_s": None, "skipped": None}
+    assert "nginx → llm-svc" in done.stderr  # the peer was started, and stopped with the run
+
+    text = subprocess.run(
+        [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
+         "import gateway_bench as g; g.print_report(json.load(sys.stdin))",
+         str(GATEWAY_BENCH.parent)],
+        input=done.stdout, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-3000:]
+    assert "2b. Relay peers" in text.stdout and "nginx, bare relay of llm-svc" in text.stdout
+
+
+def test_gateway_benchmark_smoke_never_installs_litellm(tmp_path: Path) -> None:
+    """With LiteLLM missing, `--smoke --peers` skips its row with a message instead of
+    installing it (a few hundred MB); only a full `--peers` run installs it."""
+    code = (
+        "import pathlib, sys; sys.path.insert(0, sys.argv[1]); import peers, gateway_bench as g; "
+        "peers.LITELLM_VENV = pathlib.Path(sys.argv[2]); "
+        "p = g.prepare_peers({'nginx', 'litellm'}, may_install=False); "
+        "print(p.litellm_version, p.litellm_install_s, p.litellm_skipped, sep='|')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(GATEWAY_BENCH.parent), str(tmp_path / "no-venv")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    version, install_s, skipped = done.stdout.strip().split("|")
+    assert (version, install_s) == ("None", "None")
+    assert "not installed" in skipped and "without `--smoke` installs it" in skipped
+    assert not (tmp_path / "no-venv").exists()
+
+
 def test_fixed_engine_streams_n_words_on_a_fixed_schedule() -> None:
     """The benchmarks' engine: `tokens` words whatever the prompt, token i due i intervals
     after the first, fewer (`length`) when max_tokens is lower."""
