@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,9 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import answer_load
 import httpx
 import orjson
 import pytest
+from answer_load import BackgroundLoad, Outcome, error_code
 
 from ragline_cli.main import ingest
 from ragline_cli.stack import REPO_ROOT, RestartPolicy, Stack, StackConfig
@@ -47,19 +48,6 @@ CHAT_CALLERS, CHAT_ROUNDS = 8, 3
 DIRECT_CALLERS, DIRECT_ROUNDS = 16, 30
 KILL_LOAD_CALLERS = 3
 RECOVERY_DEADLINE_S = 120
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a caller got: an HTTP status (0: no connection), and how it ended."""
-
-    status: int
-    end: str  # done | error:<code> | <error code of a non-200> | cut | refused
-    degraded: tuple[str, ...] = ()
-
-    @property
-    def server_error(self) -> bool:
-        return self.status >= 500 and self.status != 503
 
 
 @dataclass
@@ -105,30 +93,8 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 # --- callers ---------------------------------------------------------------------------
 
 
-def _error_code(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return "not-the-envelope"
-
-
 def native_chat(client: httpx.Client, n: int) -> Outcome:
-    body = {"message": QUESTIONS[n % len(QUESTIONS)]}
-    with client.stream("POST", "/api/chat", json=body) as response:
-        if response.status_code != 200:
-            response.read()
-            return Outcome(response.status_code, _error_code(response))
-        name, last = "", None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:") and name in ("done", "error"):
-                last = (name, orjson.loads(line[5:]))
-        if last is None:
-            return Outcome(200, "cut")
-        if last[0] == "error":
-            return Outcome(200, f"error:{last[1]['code']}")
-        return Outcome(200, "done", tuple(last[1]["degraded"]))
+    return answer_load.native_chat(client, QUESTIONS[n % len(QUESTIONS)])
 
 
 def openai_chat(client: httpx.Client, n: int) -> Outcome:
@@ -137,7 +103,7 @@ def openai_chat(client: httpx.Client, n: int) -> Outcome:
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             response.read()
-            return Outcome(response.status_code, _error_code(response))
+            return Outcome(response.status_code, error_code(response))
         end, degraded = "cut", ()
         for line in response.iter_lines():
             if not line.startswith("data:"):
@@ -158,20 +124,14 @@ def openai_completion(client: httpx.Client, n: int) -> Outcome:
             "messages": [{"role": "user", "content": QUESTIONS[n % len(QUESTIONS)]}]}  # fmt: skip
     response = client.post("/v1/chat/completions", json=body)
     if response.status_code != 200:
-        return Outcome(response.status_code, _error_code(response))
+        return Outcome(response.status_code, error_code(response))
     payload = response.json()
     assert payload["choices"][0]["message"]["content"]
     return Outcome(200, "done", tuple(payload["ragline"]["degraded"]))
 
 
 def guarded(call: Callable[[httpx.Client, int], Outcome], client: httpx.Client, n: int) -> Outcome:
-    """A call whose connection failures are outcomes too."""
-    try:
-        return call(client, n)
-    except httpx.ConnectError:
-        return Outcome(0, "refused")
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-        return Outcome(0, "cut")
+    return answer_load.guarded(lambda: call(client, n))
 
 
 def hammer(
@@ -187,36 +147,10 @@ def hammer(
         return [o for outcomes in pool.map(caller, range(callers)) for o in outcomes]
 
 
-class BackgroundLoad:
-    """Callers asking questions through nginx, one after another, until stopped."""
-
-    def __init__(self, url: str, callers: int) -> None:
-        self.url = url
-        self.outcomes: list[tuple[float, Outcome]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(callers)]
-
-    def _run(self, i: int) -> None:
-        calls = (native_chat, openai_chat, openai_completion)
-        deadline = time.monotonic() + 300  # bounded, whatever happens
-        with httpx.Client(base_url=self.url, timeout=120) as client:
-            n = 0
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                outcome = guarded(calls[(i + n) % len(calls)], client, n)
-                self.outcomes.append((time.monotonic(), outcome))
-                n += 1
-                if outcome != Outcome(200, "done"):
-                    self._stop.wait(0.1)  # refused at once: a client would back off too
-
-    def __enter__(self) -> BackgroundLoad:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=180)
+def background_load(url: str, callers: int) -> BackgroundLoad:
+    """Callers asking through nginx, each taking the three APIs in turn, until stopped."""
+    calls = (native_chat, openai_chat, openai_completion)
+    return BackgroundLoad(url, callers, lambda client, i, n: calls[(i + n) % len(calls)](client, n))
 
 
 # --- 1. load ---------------------------------------------------------------------------
@@ -259,7 +193,7 @@ def test_concurrent_reranks_have_no_5xx(chaos: Stack) -> None:
         body = {"query": QUESTIONS[n % 4], "documents": docs[n % 3 :], "top_n": 3}
         response = client.post("/v1/rerank", json=body)
         if response.status_code != 200:
-            return Outcome(response.status_code, _error_code(response))
+            return Outcome(response.status_code, error_code(response))
         assert len(response.json()["results"]) == 3
         return Outcome(200, "done")
 
@@ -275,7 +209,7 @@ def test_concurrent_retrievals_have_no_5xx(chaos: Stack) -> None:
         body = {"query": QUESTIONS[n % 4], "collection": "default", "top_k": 10}
         response = client.post("/v1/retrieve", json=body)
         if response.status_code != 200:
-            return Outcome(response.status_code, _error_code(response))
+            return Outcome(response.status_code, error_code(response))
         payload = response.json()
         assert payload["hits"] and not payload["degraded"]
         return Outcome(200, "done")
@@ -325,7 +259,7 @@ def test_a_child_killed_under_load_comes_back(chaos: Stack, name: str, capsys: A
     child = chaos.children[name]
     restarts, old_pid = child.restarts, child.proc.pid
     url = chaos.config.public_url
-    with BackgroundLoad(url, KILL_LOAD_CALLERS) as load:
+    with background_load(url, KILL_LOAD_CALLERS) as load:
         poll(lambda: len(load.outcomes) >= KILL_LOAD_CALLERS, 60, "answers under load")
         killed_at = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)

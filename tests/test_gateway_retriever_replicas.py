@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from answer_load import BackgroundLoad, Outcome, native_chat
 from prometheus_client import REGISTRY
 
 from ragline_cli.processes import free_port, python_service
@@ -42,7 +43,6 @@ from ragline_gateway.metrics import UPSTREAM_UP
 
 from conftest import SAMPLES
 from service_helpers import Service, metric, poll
-from sse_client import read_events
 
 QUESTIONS = [
     "How do honeybees tell each other where flowers are?",
@@ -165,76 +165,15 @@ def test_the_gateway_spreads_retrievals_over_the_replicas(cluster: Cluster) -> N
     assert min(served.values()) >= asked // 4, served
 
 
-@dataclass(frozen=True)
-class Outcome:
-    status: int  # 0: no HTTP answer at all
-    end: str  # the last SSE event (`done`, `error`), or what went wrong
-    degraded: tuple[str, ...] = ()
-
-
-def _error_code(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return "not-the-envelope"
-
-
-def native_chat(client: httpx.Client, question: str) -> Outcome:
-    try:
-        with client.stream("POST", "/api/chat", json={"message": question}) as response:
-            if response.status_code != 200:
-                response.read()
-                return Outcome(response.status_code, _error_code(response))
-            events = read_events(response)
-    except httpx.HTTPError as exc:
-        return Outcome(0, repr(exc))
-    if not events:
-        return Outcome(200, "no events")
-    last = events[-1]
-    degraded = tuple(last.data.get("degraded", ())) if last.name == "done" else ()
-    if last.name == "error":
-        return Outcome(200, f"error:{last.data.get('code')}")
-    return Outcome(200, last.name, degraded)
-
-
-class Load:
-    """`callers` threads asking questions through the gateway, one after another each,
-    until stopped: (finish time, outcome) of every answer."""
-
-    def __init__(self, url: str, callers: int) -> None:
-        self.url = url
-        self.outcomes: list[tuple[float, Outcome]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(callers)]
-
-    def _run(self, i: int) -> None:
-        deadline = time.monotonic() + 120  # bounded, whatever happens
-        with httpx.Client(base_url=self.url, timeout=60) as client:
-            n = i
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                outcome = native_chat(client, QUESTIONS[n % len(QUESTIONS)])
-                self.outcomes.append((time.monotonic(), outcome))
-                n += 1
-
-    def since(self, moment: float) -> int:
-        return sum(t > moment for t, _ in self.outcomes)
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=90)
+def questions(client: httpx.Client, i: int, n: int) -> Outcome:
+    return native_chat(client, QUESTIONS[(i + n) % len(QUESTIONS)])
 
 
 def test_answers_keep_flowing_while_a_replica_is_killed(cluster: Cluster) -> None:
     """Kills replica a: the last test of the module that uses the cluster."""
     retries_before = retries(cluster.gateway)
     b_before = retrievals(cluster.b)
-    with Load(cluster.gateway.url, KILL_CALLERS) as load:
+    with BackgroundLoad(cluster.gateway.url, KILL_CALLERS, questions, limit_s=120) as load:
         started_at = time.monotonic()
         poll(lambda: load.since(started_at) >= KILL_CALLERS, 60, "answers under load")
         killed_at, killed_ts = time.monotonic(), time.time()

@@ -17,24 +17,23 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+from answer_load import WHOLE, BackgroundLoad, Outcome, native_chat
 from milvus_server import drop_prefixed, milvus_server_uri  # noqa: F401
 
 from ragline_cli.processes import ManagedProcess, free_port, python_service, redis_server
 from ragline_cli.stack import Stack
 
-from service_helpers import Service, event, gateway_env, running_service
+from service_helpers import Service, event, gateway_env, poll, running_service
 from sse_client import read_events
 
 pytestmark = pytest.mark.slow
@@ -168,79 +167,30 @@ def kill(replica: Replica) -> float:
     return time.monotonic()
 
 
-def poll(check: Any, within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-@dataclass
-class Load:
-    """Answer streams in a loop from several threads; each outcome recorded with its time."""
-
-    url: str
-    outcomes: list[tuple[float, int, bool, list[str]]] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def one(self, client: httpx.Client, question: str) -> None:
-        status, done, degraded = 0, False, []
-        try:
-            with client.stream("POST", f"{self.url}/api/chat", json={"message": question}) as r:
-                status = r.status_code
-                if status == 200:
-                    events = read_events(r)
-                    finished = [e for e in events if e.name == "done"]
-                    done = bool(finished)
-                    degraded = list(finished[0].data.get("degraded", [])) if finished else []
-                else:
-                    r.read()
-        except httpx.HTTPError:
-            status = -1
-        self.outcomes.append((time.monotonic(), status, done, degraded))
-
-    def worker(self, n: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            i = n
-            while not self.stop.is_set():
-                subject = FACTS[i % len(FACTS)][0]
-                self.one(client, f"What do we know about the {subject}? ({n}-{i})")
-                i += 1
-
-    def answered(self, after: float = 0.0) -> int:
-        return sum(1 for t, *_ in list(self.outcomes) if t >= after)
+def about_a_fact(client: httpx.Client, i: int, n: int) -> Outcome:
+    subject = FACTS[(i + n) % len(FACTS)][0]
+    return native_chat(client, f"What do we know about the {subject}? ({i}-{n})")
 
 
 def test_answers_keep_flowing_while_a_replica_is_killed(
     replicas: list[Replica], gateway: Service, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed(replicas[0].url)
-    load = Load(gateway.url)
-    with ThreadPoolExecutor(8) as pool:
-        for n in range(8):
-            pool.submit(load.worker, n)
-        try:
-            poll(lambda: load.answered() >= 16, 120, "answers before the kill")
-            killed_at = kill(replicas[0])
-            poll(lambda: load.answered(after=killed_at) >= 48, 180, "answers after the kill")
-        finally:
-            load.stop.set()
+    with BackgroundLoad(gateway.url, 8, about_a_fact, limit_s=240) as load:
+        poll(lambda: load.since(0) >= 16, 120, "answers before the kill")
+        killed_at = kill(replicas[0])
+        poll(lambda: load.since(killed_at) >= 48, 180, "answers after the kill")
     outcomes = list(load.outcomes)
-    failed = [o for o in outcomes if o[1] != 200 or not o[2]]
-    retrieval_degraded = [o for o in outcomes if any("retriev" in d for d in o[3])]
-    after = [o for o in outcomes if o[0] >= killed_at]
-    within_5s = [o for o in after if o[0] < killed_at + 5]
+    failed = [(t, o) for t, o in outcomes if o != WHOLE]
+    after = [t for t, _ in outcomes if t >= killed_at]
+    within_5s = [t for t in after if t < killed_at + 5]
     with capsys.disabled():
         print(
             f"\n[replicas] one of two retriever replicas SIGKILLed under 8 answer streams: "
-            f"{len(outcomes)} answers, {len(failed)} failed, {len(retrieval_degraded)} with "
-            f"retrieval degraded; {len(within_5s)} answered in the 5 s after the kill"
+            f"{len(outcomes)} answers, {len(failed)} failed or degraded; {len(within_5s)} "
+            f"answered in the 5 s after the kill"
         )
-    assert failed == [], failed[:5]
-    assert retrieval_degraded == [], retrieval_degraded[:5]
+    assert failed == [], failed[:5]  # every answer a 200 stream ending in `done`, undegraded
     assert len(after) >= 48
     survivor = replicas[1]
     report = httpx.get(f"{survivor.url}/v1/collections/{COLLECTION}/verify", timeout=60).json()
