@@ -1,5 +1,6 @@
 """The gateway's relay path, made lean for speed (docs/benchmarks.md), checked for
-correctness: its own sockets under httpx (clients/network.py), the SSE split of llm-svc's
+correctness: its own sockets under httpx (clients/network.py; its HTTP/1.1 transport,
+clients/http1.py, has tests/test_gateway_http1.py), the SSE split of llm-svc's
 stream (clients/llm.py), the answer feed (feed.py), and keepalive pings and the idle limit
 end to end through a real gateway and llm-svc.
 
@@ -19,6 +20,7 @@ import httpx
 import orjson
 import pytest
 
+from ragline_gateway.clients.http1 import HttptoolsTransport
 from ragline_gateway.clients.llm import LlmClient, LlmStream
 from ragline_gateway.clients.network import READ_HIGH_WATER, AsyncioBackend, upstream_transport
 from ragline_gateway.feed import QUIET, Feed
@@ -51,8 +53,9 @@ async def with_server(handler: Handler, work: Callable[[str], Awaitable[Any]]) -
         server.close()
 
 
-def client(url: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=url, transport=upstream_transport(url, LIMITS))
+def client(url: str, http: str = "httpcore") -> httpx.AsyncClient:
+    """On `http`: this section tests network.py's sockets, which `httpcore` runs on."""
+    return httpx.AsyncClient(base_url=url, transport=upstream_transport(url, LIMITS, http))
 
 
 async def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
@@ -66,14 +69,20 @@ async def wait_for(check: Callable[[], bool], within: float, what: str) -> None:
 
 
 def test_plain_http_upstreams_use_the_asyncio_backend_and_https_keeps_httpx_default() -> None:
-    plain = upstream_transport("http://llm:8003", LIMITS)
+    assert isinstance(upstream_transport("http://llm:8003", LIMITS), HttptoolsTransport)
+    plain = upstream_transport("http://llm:8003", LIMITS, "httpcore")
     assert isinstance(plain._pool._network_backend, AsyncioBackend)  # see upstream_transport
     assert plain._pool._max_connections == 4
-    tls = upstream_transport("https://llm:8003", LIMITS)
-    assert not isinstance(tls._pool._network_backend, AsyncioBackend)
+    for http in ("httptools", "httpcore"):
+        tls = upstream_transport("https://llm:8003", LIMITS, http)
+        assert isinstance(tls, httpx.AsyncHTTPTransport)
+        assert not isinstance(tls._pool._network_backend, AsyncioBackend)
+    with pytest.raises(ValueError):
+        upstream_transport("http://llm:8003", LIMITS, "h2")
 
 
-def test_requests_reuse_one_kept_alive_connection() -> None:
+@pytest.mark.parametrize("http", ["httpcore", "httptools"])
+def test_requests_reuse_one_kept_alive_connection(http: str) -> None:
     connections = 0
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -88,8 +97,8 @@ def test_requests_reuse_one_kept_alive_connection() -> None:
             writer.close()
 
     async def work(url: str) -> list[Any]:
-        async with client(url) as http:
-            return [(await http.post("/x", json={"n": i})).json() for i in range(20)]
+        async with client(url, http) as c:
+            return [(await c.post("/x", json={"n": i})).json() for i in range(20)]
 
     results = asyncio.run(with_server(handler, work))
     assert results == [{"echo": {"n": i}} for i in range(20)]
@@ -124,7 +133,8 @@ def test_a_connection_the_upstream_closed_while_idle_is_replaced() -> None:
     assert connections == 2
 
 
-def test_read_timeout_connect_error_and_a_body_larger_than_the_read_buffer() -> None:
+@pytest.mark.parametrize("http", ["httpcore", "httptools"])
+def test_read_timeout_connect_error_and_a_body_larger_than_the_read_buffer(http: str) -> None:
     big = bytes(range(256)) * (3 * READ_HIGH_WATER // 256)
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -137,12 +147,12 @@ def test_read_timeout_connect_error_and_a_body_larger_than_the_read_buffer() -> 
         await writer.drain()
 
     async def work(url: str) -> None:
-        async with client(url) as http:
+        async with client(url, http) as c:
             started = time.monotonic()
             with pytest.raises(httpx.ReadTimeout):
-                await http.get("/hang", timeout=0.3)
+                await c.get("/hang", timeout=0.3)
             assert time.monotonic() - started < 5
-            async with http.stream("GET", "/big") as response:
+            async with c.stream("GET", "/big") as response:
                 chunks = [c async for c in response.aiter_raw()]
             assert b"".join(chunks) == big
 
@@ -153,9 +163,9 @@ def test_read_timeout_connect_error_and_a_body_larger_than_the_read_buffer() -> 
         port = server.sockets[0].getsockname()[1]
         server.close()
         await server.wait_closed()
-        async with client(f"http://127.0.0.1:{port}") as http:
+        async with client(f"http://127.0.0.1:{port}", http) as c:
             with pytest.raises(httpx.ConnectError):
-                await http.get("/")
+                await c.get("/")
 
     asyncio.run(refused())
 

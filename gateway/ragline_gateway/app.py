@@ -62,7 +62,9 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = settings.upstream_pool_size
-        retriever = RetrieverClient(settings.retriever_url, pool)
+        retriever = RetrieverClient(
+            settings.retriever_url, pool, upstream_http=settings.upstream_http
+        )
         reranker = RerankerClient.from_settings(settings, pool)
         llm = LlmClient.from_settings(settings, pool)
         # The internal hops' shared secret, on every call to the three (clients/base.py).

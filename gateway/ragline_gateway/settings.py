@@ -147,3 +147,9 @@ class GatewaySettings(ServiceSettings):
     history_turns: int = Field(default=6, ge=0, le=50)
     history_ttl_s: int = Field(default=86_400, ge=60)
     upstream_pool_size: int = Field(default=200, ge=1)
+    # Which HTTP/1.1 client speaks to the plain-HTTP upstreams (retriever, reranker, llm):
+    # `httptools`, the gateway's own transport that parses responses in C
+    # (clients/http1.py: less CPU per relayed token), or `httpcore`, httpx's own transport
+    # on the gateway's sockets (clients/network.py), kept to compare the two. `https`
+    # upstreams use httpx's default transport either way.
+    upstream_http: Literal["httptools", "httpcore"] = "httptools"

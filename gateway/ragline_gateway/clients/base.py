@@ -52,11 +52,24 @@ class UpstreamClient:
     # What the gateway's /readyz probes.
     health_path = "/readyz"
 
-    def __init__(self, base_url: str, pool_size: int, connect_timeout: float = 2.0) -> None:
-        limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
+    def __init__(
+        self,
+        base_url: str,
+        pool_size: int,
+        connect_timeout: float = 2.0,
+        upstream_http: str = "httptools",
+    ) -> None:
+        # Idle connections are dropped after 4 s, before the upstream's uvicorn closes them
+        # (its keep-alive timeout is 5 s): a request sent on a connection the server is
+        # closing at that moment would fail with "server disconnected".
+        limits = httpx.Limits(
+            max_connections=pool_size, max_keepalive_connections=pool_size, keepalive_expiry=4.0
+        )
         self.http = httpx.AsyncClient(
             base_url=base_url,
-            transport=upstream_transport(base_url, limits),
+            # `upstream_http`: which HTTP/1.1 client speaks to a plain-HTTP upstream
+            # (settings.upstream_http; clients/network.py).
+            transport=upstream_transport(base_url, limits, upstream_http),
             timeout=httpx.Timeout(30.0, connect=connect_timeout),
             event_hooks={"response": [self._refused_token]},
         )

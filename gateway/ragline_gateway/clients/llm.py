@@ -190,8 +190,11 @@ class LlmClient(UpstreamClient):
         pool_size: int,
         connect_timeout: float = 2.0,
         health_path: str = "",
+        upstream_http: str = "httptools",
     ) -> None:
-        super().__init__(base_url, pool_size, connect_timeout=connect_timeout)
+        super().__init__(
+            base_url, pool_size, connect_timeout=connect_timeout, upstream_http=upstream_http
+        )
         # llm-svc answers /readyz; `vllm serve` answers /health (LLM_HEALTH_PATH).
         self.health_path = health_path or "/readyz"
 
@@ -202,6 +205,7 @@ class LlmClient(UpstreamClient):
             pool_size,
             connect_timeout=settings.llm_connect_timeout_s,
             health_path=settings.llm_health_path,
+            upstream_http=settings.upstream_http,
         )
 
     def _checked(self, response: httpx.Response) -> Any:

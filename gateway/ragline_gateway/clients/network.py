@@ -1,4 +1,7 @@
-"""The gateway's sockets to its upstreams: plain asyncio protocols under httpx.
+"""The gateway's sockets to its upstreams: plain asyncio protocols under httpx, and the
+choice of transport for each upstream (`upstream_transport`). Plain-HTTP upstreams use our
+own HTTP/1.1 transport (clients/http1.py) unless RAGLINE_GATEWAY_UPSTREAM_HTTP=httpcore;
+this module's backend is what the `httpcore` choice runs on.
 
 httpx reaches the network through httpcore's anyio backend, which opens a cancel scope
 and a timeout scope around every read. On the relay path that is paid once per token,
@@ -23,6 +26,8 @@ from typing import Any, cast
 
 import httpcore
 import httpx
+
+from ragline_gateway.clients.http1 import HttptoolsTransport
 
 # Stop reading a socket while this much is received and not yet consumed (a large
 # upstream answer read slower than it arrives); resume below half of it.
@@ -216,12 +221,26 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def upstream_transport(base_url: str, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    """httpx's transport for one upstream; over plain HTTP, on `AsyncioBackend`."""
+# How plain-HTTP upstreams are spoken to (RAGLINE_GATEWAY_UPSTREAM_HTTP): `httptools`, our
+# own HTTP/1.1 transport (clients/http1.py), or `httpcore`, httpx's own transport on the
+# sockets above (the path before it, kept for comparison).
+UPSTREAM_HTTP = ("httptools", "httpcore")
+
+
+def upstream_transport(
+    base_url: str, limits: httpx.Limits, http: str = "httptools"
+) -> httpx.AsyncBaseTransport:
+    """httpx's transport for one upstream. Over plain HTTP, `http` says which
+    (UPSTREAM_HTTP); an `https` upstream keeps httpx's default transport either way."""
+    if http not in UPSTREAM_HTTP:
+        raise ValueError(f"unknown upstream HTTP {http!r}; expected one of {UPSTREAM_HTTP}")
+    plain = httpx.URL(base_url).scheme == "http"
+    if plain and http == "httptools":
+        return HttptoolsTransport(limits)
     transport = httpx.AsyncHTTPTransport(limits=limits)
-    if httpx.URL(base_url).scheme == "http":
+    if plain:
         # httpx builds the pool and takes no backend argument, so the pool is built again
-        # the way httpx builds it, with this backend (tests/test_gateway_network.py checks
+        # the way httpx builds it, with this backend (tests/test_gateway_relay.py checks
         # that the backend is in use, so an httpx that changes this fails a test).
         transport._pool = httpcore.AsyncConnectionPool(
             max_connections=limits.max_connections,

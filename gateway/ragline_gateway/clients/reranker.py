@@ -51,8 +51,11 @@ class RerankerClient(UpstreamClient):
         max_documents: int = 0,
         health_path: str = "",
         connect_timeout: float = 2.0,
+        upstream_http: str = "httptools",
     ) -> None:
-        super().__init__(base_url, pool_size, connect_timeout=connect_timeout)
+        super().__init__(
+            base_url, pool_size, connect_timeout=connect_timeout, upstream_http=upstream_http
+        )
         if api not in DEFAULT_PATHS:
             raise ValueError(f"unknown reranker API {api!r}; expected one of {list(DEFAULT_PATHS)}")
         self.api = api
@@ -103,6 +106,7 @@ class RerankerClient(UpstreamClient):
             api_key=settings.reranker_api_key.get_secret_value(),
             max_documents=settings.reranker_max_documents,
             health_path=settings.reranker_health_path,
+            upstream_http=settings.upstream_http,
         )
 
     async def rerank(

@@ -83,9 +83,14 @@ class Replica(UpstreamClient):
     name = "retriever"
 
     def __init__(
-        self, url: str, pool_size: int, connect_timeout: float, on_change: Callable[[], None]
+        self,
+        url: str,
+        pool_size: int,
+        connect_timeout: float,
+        on_change: Callable[[], None],
+        upstream_http: str = "httptools",
     ) -> None:
-        super().__init__(url, pool_size, connect_timeout)
+        super().__init__(url, pool_size, connect_timeout, upstream_http)
         self.url = url
         self._on_change = on_change
         # False while its health probes answer 503 (starting, draining): taken only when
@@ -109,9 +114,15 @@ class RetrieverClient:
     name = "retriever"
     health_path = "/readyz"
 
-    def __init__(self, base_url: str, pool_size: int, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        pool_size: int,
+        connect_timeout: float = 2.0,
+        upstream_http: str = "httptools",
+    ) -> None:
         self.replicas = [
-            Replica(url, pool_size, connect_timeout, self._health_changed)
+            Replica(url, pool_size, connect_timeout, self._health_changed, upstream_http)
             for url in replica_urls(base_url)
         ]
         self._turn = itertools.count()
