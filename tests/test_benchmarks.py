@@ -99,6 +99,18 @@ def test_retrieval_scale_benchmark_reports_sane_figures(tmp_path: Path) -> None:
 GATEWAY_BENCH = REPO_ROOT / "benchmarks" / "gateway_bench.py"
 
 
+def printed_report(report_json: str) -> subprocess.CompletedProcess[str]:
+    """`gateway_bench.print_report` of a `--json` report, as the text output prints it."""
+    text = subprocess.run(
+        [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
+         "import gateway_bench as g; g.print_report(json.load(sys.stdin))",
+         str(GATEWAY_BENCH.parent)],
+        input=report_json, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert text.returncode == 0, text.stderr[-3000:]
+    return text
+
+
 def test_gateway_benchmark_smoke_runs_and_prints_its_tables(tmp_path: Path) -> None:
     """`gateway_bench.py --smoke` starts its own small stack (fixed engine) and runs every
     part at toy sizes; speed is not judged here, only that each part ran cleanly."""
@@ -130,13 +142,7 @@ def test_gateway_benchmark_smoke_runs_and_prints_its_tables(tmp_path: Path) -> N
         assert cache["hit_done_ms"]["n"] == 10
 
     # The text report of the same run prints every table.
-    text = subprocess.run(
-        [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
-         "import gateway_bench as g; g.print_report(json.load(sys.stdin))",
-         str(GATEWAY_BENCH.parent)],
-        input=done.stdout, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert text.returncode == 0, text.stderr[-3000:]
+    text = printed_report(done.stdout)
     for title in ("1. Time to first token", "2. Relay cost", "3. Open streams", "4. Cache hits"):
         assert title in text.stdout
 
@@ -164,13 +170,7 @@ def test_gateway_benchmark_relay_peers_smoke_has_the_bare_nginx_row(tmp_path: Pa
     assert peers["litellm"] == {"asked": False, "install_s": None, "skipped": None}
     assert "nginx → llm-svc" in done.stderr  # the peer was started, and stopped with the run
 
-    text = subprocess.run(
-        [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
-         "import gateway_bench as g; g.print_report(json.load(sys.stdin))",
-         str(GATEWAY_BENCH.parent)],
-        input=done.stdout, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert text.returncode == 0, text.stderr[-3000:]
+    text = printed_report(done.stdout)
     assert "2b. Relay peers" in text.stdout and "nginx, bare relay of llm-svc" in text.stdout
 
 
