@@ -23,6 +23,8 @@ import orjson
 
 # The answer, piece by piece (one stream chunk each), for a request body.
 Answer = Callable[[dict[str, Any]], list[str]]
+# The bytes of the streamed body, from the model name and the pieces.
+Body = Callable[[str, list[str]], bytes]
 
 
 @dataclass
@@ -50,8 +52,10 @@ def stream_body(model: str, pieces: list[str]) -> bytes:
 
 
 @contextmanager
-def recording_llm(model: str, answer: Answer) -> Iterator[RecordingLlm]:
-    """The server on a free loopback port for the length of the block."""
+def recording_llm(model: str, answer: Answer, body: Body | None = None) -> Iterator[RecordingLlm]:
+    """The server on a free loopback port for the length of the block. `body` replaces
+    the whole, well-formed stream (`stream_body`): a stream cut short, say."""
+    make_body = body or stream_body
     record = RecordingLlm(model)
 
     class Handler(BaseHTTPRequestHandler):
@@ -72,9 +76,9 @@ def recording_llm(model: str, answer: Answer) -> Iterator[RecordingLlm]:
                 self._send(b'{"status": "ready"}', "application/json")
 
         def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            record.bodies.append(body)
-            self._send(stream_body(model, answer(body)), "text/event-stream")
+            asked = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            record.bodies.append(asked)
+            self._send(make_body(model, answer(asked)), "text/event-stream")
 
         def log_message(self, *args: Any) -> None:
             pass

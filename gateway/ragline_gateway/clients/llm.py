@@ -65,7 +65,7 @@ class LlmStream:
                 try:
                     self._pending += await anext(self._raw)
                 except StopAsyncIteration:
-                    return  # `deltas` makes of it what there is
+                    raise _cut_off("before its first event") from None
                 if b"\r" in self._pending:
                     self._pending = _to_lf(self._pending)
                 continue
@@ -102,7 +102,7 @@ class LlmStream:
             try:
                 pending += await anext(raw)
             except StopAsyncIteration:
-                return
+                raise _cut_off("mid-stream") from None
 
     @staticmethod
     def _delta(chunk: dict[str, Any]) -> Delta:
@@ -120,6 +120,13 @@ class LlmStream:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+def _cut_off(where: str) -> UpstreamError:
+    """A body that ended without `data: [DONE]`: llm-svc and vLLM always send it, so the
+    answer was cut (the upstream or a proxy between closed the response early), and must
+    not pass for a whole one."""
+    return UpstreamError("llm", f"the stream ended without [DONE] {where}")
 
 
 def _is_error(chunk: Any) -> bool:
