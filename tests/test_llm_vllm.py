@@ -562,9 +562,11 @@ class TestLlmSvcOnVllm:
         assert "error" not in names
         sources = next(e.data["sources"] for e in events if e.name == "sources")
         assert sources and all(s["n"] >= 1 and s["text"] for s in sources)
+        done = events[-1].data
+        # `done` says why when no token came: its usage and finish reason.
+        assert "token" in names, (names, done, sources)
         assert names.index("sources") < names.index("token")
         assert "".join(e.data["text"] for e in events if e.name == "token")
-        done = events[-1].data
         assert done["cached"] is False
         assert done["usage"]["completion_tokens"] >= 1
 
