@@ -537,7 +537,12 @@ class TestLlmSvcOnVllm:
     ) -> None:
         """The whole answer path with llm-svc on vLLM: a second gateway on the shared
         stack's retriever and reranker. Only the mechanism is checked (the tiny model's
-        text is gibberish): sources first, then tokens, then `done` with usage."""
+        text is gibberish): sources first, then tokens, then `done` with usage.
+
+        The prompt must not depend on what other tests left in the stack: the question
+        goes to a collection of this test's own, and the model samples greedily. (On the
+        shared default collection and at the default temperature, a CI run once got an
+        answer with no token at all.)"""
         c = stack.config
         env = {
             "RAGLINE_GATEWAY_RETRIEVER_URL": f"http://127.0.0.1:{c.retriever_port}",
@@ -547,13 +552,24 @@ class TestLlmSvcOnVllm:
                 f"redis://127.0.0.1:{c.redis_port}/0" if c.has_redis else ""
             ),
             "RAGLINE_GATEWAY_MAX_TOKENS": "24",
+            "RAGLINE_GATEWAY_TEMPERATURE": "0",
             "RAGLINE_GATEWAY_ALLOW_ANONYMOUS": "true",
         }
-        question = "How long does a sourdough starter take to double (asked of vLLM)?"
+        question = "How long does a sourdough starter take to double?"
+        doc = {
+            "id": "starter.md",
+            "title": "Sourdough",
+            "text": "# Feeding\n\nA fed sourdough starter doubles in four to eight hours.",
+        }
         with running_service("gateway-vllm", "ragline_gateway", env, llm_log_dir) as gateway:
-            with httpx.stream(
-                "POST", f"{gateway.url}/api/chat", json={"message": question}, timeout=120
-            ) as r:
+            ingested = httpx.post(
+                f"{gateway.url}/api/collections/vllm_answer/documents",
+                json={"documents": [doc]},
+                timeout=120,
+            )
+            assert ingested.status_code == 200, ingested.text
+            body = {"message": question, "collection": "vllm_answer"}
+            with httpx.stream("POST", f"{gateway.url}/api/chat", json=body, timeout=120) as r:
                 assert r.status_code == 200, r.read()
                 events = read_events(r)
 
@@ -561,10 +577,10 @@ class TestLlmSvcOnVllm:
         assert names[0] == "meta" and names[-1] == "done", names
         assert "error" not in names
         sources = next(e.data["sources"] for e in events if e.name == "sources")
-        assert sources and all(s["n"] >= 1 and s["text"] for s in sources)
+        assert [s["doc_id"] for s in sources] == ["starter.md"]
         done = events[-1].data
         # `done` says why when no token came: its usage and finish reason.
-        assert "token" in names, (names, done, sources)
+        assert "token" in names, (names, done)
         assert names.index("sources") < names.index("token")
         assert "".join(e.data["text"] for e in events if e.name == "token")
         assert done["cached"] is False
