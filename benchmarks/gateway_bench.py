@@ -1,4 +1,4 @@
-"""Is the gateway nearly free, and are the models fed well? Four measurements on a live stack.
+"""Is the gateway nearly free, and are the models fed well? Five measurements on a live stack.
 
 It starts the whole local stack (`ragline_cli.stack.Stack`: redis-server, nginx, the four
 services as their own processes) on free loopback ports, with llm-svc on the `fixed`
@@ -29,6 +29,11 @@ and measures, each figure beside its baseline from the same run:
    control: what the fixed engine, the client and the machine add without the gateway).
 4. `cache`: with the answer cache on (the gateway restarted with `CACHE_TTL_S=3600`), the
    same question asked again and again through nginx, timed to the `done` event.
+5. `workers`: the open streams of `streams`, stepped up through `--streams`, held by one
+   gateway process and by two (a second one started beside it with the same settings; the
+   client takes them in turn, as a Service spreads connections over a Deployment's pods),
+   in alternating rounds; per step the added delay and each process's CPU. On a machine
+   whose cores the whole stack shares, this says what a second worker buys there.
 
 Everything but `cache` runs with the answer cache off (`CACHE_TTL_S=0`), no rate limits
 (`REQUESTS_PER_MINUTE=0`, `MAX_STREAMS_PER_KEY=0`) and anonymous access (a Stack without a
@@ -46,7 +51,7 @@ Run from the repository root (progress on stderr, tables or `--json` on stdout):
     .venv/bin/python benchmarks/gateway_bench.py --only relay --peers   # beside nginx, LiteLLM
     .venv/bin/python benchmarks/gateway_bench.py --smoke --only relay --peers nginx
 
-A full run takes about 11 minutes on 2 cores. Do not run it beside other heavy work (a
+A full run takes about 16 minutes on 2 cores. Do not run it beside other heavy work (a
 test suite, another benchmark): the services and the client share the cores, and the
 figures would measure the neighbour.
 """
@@ -56,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -86,7 +92,7 @@ from streamclient import (
     stream_llm,
 )
 
-from ragline_cli.processes import ManagedProcess, ProcessFailed, free_port
+from ragline_cli.processes import ManagedProcess, ProcessFailed, free_port, http_ready
 from ragline_cli.stack import Stack, StackConfig
 from ragline_common.passages import Passage
 from ragline_gateway.prompt import build_messages
@@ -95,6 +101,7 @@ COLLECTION = "bench"
 MAX_TOKENS = 8192  # the gateway's MAX_TOKENS: the fixed engine's count decides the length
 LLM_MODEL = "ragline-fixed"  # the fixed engine's own name, set so peers know it beforehand
 SERVICES = ("nginx", "gateway", "retriever", "reranker", "llm", "redis")
+PARTS = ("overhead", "relay", "streams", "workers", "cache")
 
 TOPICS = [
     ("Honeybee dances", "Forager honeybees dance on the comb to tell nestmates the direction "
@@ -182,6 +189,7 @@ class Plan:
     relay_tokens: tuple[int, int] = (10, 250)
     relay_requests: tuple[int, int] = (5, 1)  # per worker, short and long answers
     stream_steps: tuple[int, ...] = (250, 500, 750, 1000, 1500, 2000)
+    worker_steps: tuple[int, ...] = (750, 1000, 1500)
     stream_interval_ms: float = 100.0
     open_rate: float = 100.0  # streams opened per second while stepping up
     settle_s: float = 3.0
@@ -207,6 +215,7 @@ SMOKE = Plan(
     relay_tokens=(4, 20),
     relay_requests=(2, 1),
     stream_steps=(5, 10),
+    worker_steps=(4, 8),
     open_rate=50.0,
     settle_s=0.3,
     hold_s=0.8,
@@ -784,26 +793,40 @@ def peer_report(plan: Plan, peer_plan: PeerPlan, measured: dict[str, Any]) -> di
 
 
 async def hold_streams(
-    bs: BenchStack, plan: Plan, open_one: Callable[[Result], Awaitable[Result]], watched: str
+    bs: BenchStack,
+    plan: Plan,
+    open_one: Callable[[Result], Awaitable[Result]],
+    watched: tuple[str, ...],
+    steps_of: tuple[int, ...] | None = None,
+    extra: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Steps up to each of `plan.stream_steps` open streams and watches them for a while;
-    RSS growth is that of the process `watched`."""
+    """Steps up to each of `steps_of` (default `plan.stream_steps`) open streams and
+    watches them for a while; RSS growth is that of the processes `watched` together.
+    `extra`: processes measured besides the stack's (name: pid)."""
+
+    def pids() -> dict[str, int]:
+        return {**bs.pids(), **(extra or {})}
+
+    def watched_rss() -> int:
+        return sum(rss_bytes(pids()[name]) for name in watched)
+
     interval = plan.stream_interval_ms / 1000
     streams: list[tuple[Result, asyncio.Task[Result]]] = []
     steps = []
-    baseline_rss = rss_bytes(bs.pid(watched))
-    for n in plan.stream_steps:
-        log(f"streams via {watched}: opening up to {n}")
+    baseline_rss = watched_rss()
+    for n in steps_of or plan.stream_steps:
+        log(f"streams via {' + '.join(watched)}: opening up to {n}")
         while len(streams) < n:
             result = Result(token_times=[])
             streams.append((result, asyncio.create_task(open_one(result))))
             await asyncio.sleep(1 / plan.open_rate)
         await asyncio.sleep(plan.settle_s)
-        meter = CpuMeter(bs.pids())
+        meter = CpuMeter(pids())
         meter.start()
         a = time.perf_counter()
         await asyncio.sleep(plan.hold_s / 2)
-        rss = {name: rss_bytes(pid, tree=name == "nginx") for name, pid in bs.pids().items()}
+        rss = {name: rss_bytes(pid, tree=name == "nginx") for name, pid in pids().items()}
+        rss_watched = sum(rss[name] for name in watched)
         await asyncio.sleep(plan.hold_s / 2)
         b = time.perf_counter()
         cpu = meter.stop()
@@ -827,15 +850,15 @@ async def hold_streams(
                 # Growth over the idle, warmed-up process, per open stream; and since the
                 # first step, which leaves out what the first streams cost once (pools,
                 # buffers, allocator arenas).
-                "rss_per_stream_kib": (rss[watched] - baseline_rss) / len(streams) / 1024,
+                "rss_per_stream_kib": (rss_watched - baseline_rss) / len(streams) / 1024,
                 "rss_per_added_stream_kib": (
-                    (rss[watched] - steps[0]["rss_bytes"])
+                    (rss_watched - steps[0]["rss_bytes"])
                     / (len(streams) - steps[0]["streams"])
                     / 1024
                     if steps
                     else None
                 ),
-                "rss_bytes": rss[watched],
+                "rss_bytes": rss_watched,
                 "cpu_busy": {k: v / cpu["wall"] for k, v in cpu.items() if k != "wall"},
             }
         )
@@ -848,10 +871,7 @@ async def hold_streams(
 
 
 async def bench_streams(bs: BenchStack, plan: Plan) -> dict[str, Any]:
-    # Streams outlast the whole run (they are closed at its end), so none ends early.
-    run_s = (plan.stream_steps[-1] / plan.open_rate
-             + len(plan.stream_steps) * (plan.settle_s + plan.hold_s) + 30)  # fmt: skip
-    tokens = int(run_s * 1000 / plan.stream_interval_ms)
+    tokens = stream_tokens(plan, plan.stream_steps)
     bs.fixed_engine(tokens, plan.stream_interval_ms)
     # A fresh gateway: RSS never shrinks, so one that held streams earlier in the run
     # would show less growth per stream than it costs.
@@ -863,24 +883,101 @@ async def bench_streams(bs: BenchStack, plan: Plan) -> dict[str, Any]:
     passages = [Passage(n, title, text) for n, (title, text) in enumerate(TOPICS[:5], 1)]
     body = up.llm_body(build_messages(QUESTIONS[0], passages, []))
     counter = iter(range(10**9))
-    # Warm-up, so the RSS baseline has the pools, caches and code paths in it.
-    for i in range(plan.warmup):
-        short = asyncio.create_task(ask_native(gateway, QUESTIONS[i], COLLECTION))
-        await asyncio.sleep(0.3)
-        short.cancel()
-    await asyncio.sleep(plan.drain_s)
+    await warm_up([gateway], plan)
 
     def via_gateway(result: Result) -> Awaitable[Result]:
         return ask_native(gateway, QUESTIONS[next(counter) % len(QUESTIONS)], COLLECTION, result)
 
     out = {"interval_ms": plan.stream_interval_ms, "tokens_per_stream": tokens,
-           "gateway": await hold_streams(bs, plan, via_gateway, "gateway")}  # fmt: skip
+           "gateway": await hold_streams(bs, plan, via_gateway, ("gateway",))}  # fmt: skip
     await asyncio.sleep(plan.drain_s)  # let the gateway and llm-svc finish the aborts
     bs.restart("llm", {})  # a fresh llm-svc for the same reason
-    out["llm"] = await hold_streams(bs, plan, lambda result: stream_llm(up, body, result), "llm")
+    out["llm"] = await hold_streams(bs, plan, lambda result: stream_llm(up, body, result), ("llm",))
     gateway.close()
     up.close()
     return out
+
+
+async def warm_up(gateways: list[Pool], plan: Plan) -> None:
+    """Answers begun and dropped on each gateway, so that an RSS baseline taken next has
+    the pools, caches and code paths in it."""
+    for i in range(plan.warmup):
+        short = [asyncio.create_task(ask_native(g, QUESTIONS[i], COLLECTION)) for g in gateways]
+        await asyncio.sleep(0.3)
+        for task in short:
+            task.cancel()
+    await asyncio.sleep(plan.drain_s)
+
+
+def stream_tokens(plan: Plan, steps: tuple[int, ...]) -> int:
+    """Tokens per answer for held streams: more than the whole part lasts, so that none
+    ends before the streams are closed at its end."""
+    run_s = steps[-1] / plan.open_rate + len(steps) * (plan.settle_s + plan.hold_s) + 30
+    return int(run_s * 1000 / plan.stream_interval_ms)
+
+
+# --- 5. one gateway worker or two ------------------------------------------------------------
+
+
+def second_gateway(bs: BenchStack) -> ManagedProcess:
+    """Another gateway process with the stack's gateway's settings, on a port of its own:
+    a second pod of the Deployment (or a second `--workers` process)."""
+    first = bs.stack.processes["gateway"]
+    port = free_port()
+    return dataclasses.replace(
+        first,
+        name="gateway2",
+        env={**first.env, "RAGLINE_GATEWAY_PORT": str(port)},
+        log_path=first.log_path.with_name("gateway2.log"),
+        ready=http_ready(f"http://127.0.0.1:{port}/readyz"),
+        proc=None,
+    )
+
+
+def in_turn(pools: list[Pool]) -> Callable[[Result], Awaitable[Result]]:
+    """Opens each stream on the next gateway of `pools`, the questions in turn."""
+    turn = itertools.count()
+
+    def open_one(result: Result) -> Awaitable[Result]:
+        i = next(turn)
+        question = QUESTIONS[i % len(QUESTIONS)]
+        return ask_native(pools[i % len(pools)], question, COLLECTION, result)
+
+    return open_one
+
+
+async def bench_workers(bs: BenchStack, plan: Plan) -> dict[str, Any]:
+    steps = plan.worker_steps
+    bs.fixed_engine(stream_tokens(plan, steps), plan.stream_interval_ms)
+    second = second_gateway(bs)
+    port2 = int(second.env["RAGLINE_GATEWAY_PORT"])
+    runs: list[dict[str, Any]] = []
+    order = [1, 2]
+    try:
+        for round_no in range(plan.rounds):
+            for workers in order if round_no % 2 == 0 else order[::-1]:
+                # Fresh processes: RSS never shrinks, and each run starts from the same place.
+                bs.restart("gateway", {})
+                second.stop()
+                pools = [bs.pool("gateway")]
+                extra: dict[str, int] = {}
+                if workers == 2:
+                    second.start()
+                    second.wait_ready(60)
+                    assert second.pid is not None
+                    extra["gateway2"] = second.pid
+                    pools.append(Pool("127.0.0.1", port2))
+                await warm_up(pools, plan)
+                log(f"workers: {workers} gateway process(es), round {round_no + 1}")
+                watched = ("gateway", *extra)
+                held = await hold_streams(bs, plan, in_turn(pools), watched, steps, extra)
+                runs.append({"workers": workers, "round": round_no + 1, "steps": held})
+                for pool in pools:
+                    pool.close()
+                await asyncio.sleep(plan.drain_s)
+    finally:
+        second.stop()
+    return {"interval_ms": plan.stream_interval_ms, "runs": runs}
 
 
 # --- 4. cache hits -------------------------------------------------------------------------
@@ -988,6 +1085,8 @@ def print_report(report: dict[str, Any]) -> None:
                     if not s["errors"] and (s["added_delay_ms"]["p99"] or 0) < 50]  # fmt: skip
             print(f"{'':<9}held with no error and p99 added delay < 50 ms: "
                   f"{max(held) if held else 'none'} of the steps")  # fmt: skip
+    if "workers" in report:
+        print_workers(report["workers"])
     if "cache" in report:
         print("\n4. Cache hits: the same question again, time to `done` (ms)")
         for path, c in report["cache"].items():
@@ -996,6 +1095,25 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{h['n']} hits p50 {_f(h['p50'], '.2f')} p99 {_f(h['p99'], '.2f')} "
                   f"max {_f(h['max'], '.2f')}; errors {c['errors']}, "
                   f"not from the cache {c['not_cached']}")  # fmt: skip
+
+
+def print_workers(wk: dict[str, Any]) -> None:
+    print(f"\n5. One gateway worker or two: open streams, a token every "
+          f"{wk['interval_ms']:g} ms, the client taking the workers in turn")  # fmt: skip
+    print(f"{'workers':>7}{'round':>6}{'open':>6}{'err':>5}{'added p50':>10}{'p99':>8}"
+          f"{'max':>8}{'delivered':>10}{'KiB/stream':>11}"
+          f"   CPU busy: gateways (each) llm-svc client")  # fmt: skip
+    for run in wk["runs"]:
+        for s in run["steps"]:
+            a, busy = s["added_delay_ms"], s["cpu_busy"]
+            gateways = [busy.get(name, 0.0) for name in ("gateway", "gateway2") if name in busy]
+            each = "+".join(f"{g:.2f}" for g in gateways)
+            print(f"{run['workers']:>7}{run['round']:>6}{s['streams']:>6}{s['errors']:>5}"
+                  f"{_f(a['p50']):>10}{_f(a['p99']):>8}{_f(a['max']):>8}"
+                  f"{_f(s['tokens_delivered_vs_due'], '.3f'):>10}"
+                  f"{s['rss_per_stream_kib']:>11.1f}"
+                  f"   {sum(gateways):.2f} ({each}) {busy.get('llm', 0):.2f} "
+                  f"{busy['client']:.2f}")  # fmt: skip
 
 
 def print_peers(rl: dict[str, Any]) -> None:
@@ -1042,6 +1160,8 @@ async def run(bs: BenchStack, plan: Plan, only: set[str],
         report["relay"] = await bench_relay(bs, plan, peer_plan)
     if "streams" in only:
         report["streams"] = await bench_streams(bs, plan)
+    if "workers" in only:
+        report["workers"] = await bench_workers(bs, plan)
     if "cache" in only:
         report["cache"] = await bench_cache(bs, plan)
     report["load_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -1050,10 +1170,10 @@ async def run(bs: BenchStack, plan: Plan, only: set[str],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="overhead,relay,streams,cache",
-                        help="comma-separated: overhead, relay, streams, cache")  # fmt: skip
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated: {', '.join(PARTS)}")  # fmt: skip
     parser.add_argument("--concurrency", help="overhead: streams, e.g. 1,100,1000")
-    parser.add_argument("--streams", help="open streams: steps, e.g. 250,500,1000,2000")
+    parser.add_argument("--streams", help="open streams and workers: steps, e.g. 500,1000,2000")
     parser.add_argument("--rate", type=float, help="overhead: answers started per second")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, not minutes")
@@ -1069,7 +1189,8 @@ def main() -> None:
     if args.concurrency:
         plan = replace(plan, concurrency=tuple(int(x) for x in args.concurrency.split(",")))
     if args.streams:
-        plan = replace(plan, stream_steps=tuple(int(x) for x in args.streams.split(",")))
+        steps = tuple(int(x) for x in args.streams.split(","))
+        plan = replace(plan, stream_steps=steps, worker_steps=steps)
     if args.rate:
         plan = replace(plan, rate=args.rate)
     if args.rounds:
@@ -1077,7 +1198,7 @@ def main() -> None:
     # `kill` stops the stack too (the processes run in sessions of their own).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = {x.strip() for x in args.only.split(",") if x.strip()}
-    unknown = only - {"overhead", "relay", "streams", "cache"}
+    unknown = only - set(PARTS)
     if unknown:
         parser.error(f"unknown --only parts: {', '.join(sorted(unknown))}")
     peer_plan = None

@@ -136,6 +136,13 @@ def test_gateway_benchmark_smoke_runs_and_prints_its_tables(tmp_path: Path) -> N
         steps = report["streams"][via]
         assert [s["streams"] for s in steps] == [5, 10]
         assert all(s["errors"] == 0 and s["added_delay_ms"]["n"] > 0 for s in steps)
+    workers = report["workers"]["runs"]
+    assert [run["workers"] for run in workers] == [1, 2]
+    for run in workers:
+        assert [s["streams"] for s in run["steps"]] == [4, 8]
+        assert all(s["errors"] == 0 and s["added_delay_ms"]["n"] > 0 for s in run["steps"])
+    assert "gateway2" not in workers[0]["steps"][0]["cpu_busy"]
+    assert {"gateway", "gateway2"} <= set(workers[1]["steps"][0]["cpu_busy"])
     for path in ("nginx", "gateway"):
         cache = report["cache"][path]
         assert cache["errors"] == 0 and cache["not_cached"] == 0
@@ -143,7 +150,9 @@ def test_gateway_benchmark_smoke_runs_and_prints_its_tables(tmp_path: Path) -> N
 
     # The text report of the same run prints every table.
     text = printed_report(done.stdout)
-    for title in ("1. Time to first token", "2. Relay cost", "3. Open streams", "4. Cache hits"):
+    titles = ("1. Time to first token", "2. Relay cost", "3. Open streams", "4. Cache hits",
+              "5. One gateway worker or two")  # fmt: skip
+    for title in titles:
         assert title in text.stdout
 
 
