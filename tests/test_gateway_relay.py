@@ -25,6 +25,7 @@ from ragline_gateway.clients.llm import LlmClient, LlmStream
 from ragline_gateway.clients.network import READ_HIGH_WATER, AsyncioBackend, upstream_transport
 from ragline_gateway.feed import QUIET, Feed
 
+from recording_llm import recording_llm
 from service_helpers import gateway_env, running_service
 
 LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=4)
@@ -266,6 +267,39 @@ def test_feed_says_quiet_after_its_interval_and_bounds_what_it_holds() -> None:
         feed.close()
 
     asyncio.run(run())
+
+
+def test_feed_hands_over_the_ready_items_of_a_kind_and_wakes_the_producer() -> None:
+    async def run() -> None:
+        feed: Feed[int | str | None] = Feed(3, quiet_after=60)
+        assert feed.take_ready(int) == []  # nothing: no wait either
+        for item in (1, 2, None):
+            feed.put_nowait(item)
+        blocked = asyncio.create_task(feed.put(3))  # full: waits for the consumer
+        await wait_for(lambda: feed._putter is not None, 5, "the producer to wait")
+        assert feed.take_ready(int) == [1, 2]  # the end marker behind them stays
+        await asyncio.wait_for(blocked, 5)
+        assert [await feed.get(), await feed.get()] == [None, 3]
+        feed.close()
+
+    asyncio.run(run())
+
+
+def test_tokens_read_together_go_to_the_client_as_one_event(stack: Any, tmp_path: Path) -> None:
+    """A stream whose tokens arrive in one read (here the model sends its whole answer in
+    one write; under load, tokens that queued while the gateway was busy) is written to
+    the client in fewer events, with the same text: fewer writes where it matters."""
+    pieces = ["Bees", " dance", " on", " the", " comb", "."]
+    with recording_llm("burst-llm", lambda _: pieces) as model:
+        env = gateway_env(stack.config, allow_anonymous="true", cache_ttl_s="0",
+                          llm_url=model.url)  # fmt: skip
+        with running_service("gateway", "ragline_gateway", env, tmp_path) as gateway:
+            lines = raw_answer(gateway.url)
+    texts = [orjson.loads(lines[i + 1].removeprefix("data: "))["text"]
+             for i, line in enumerate(lines) if line == "event: token"]  # fmt: skip
+    assert "".join(texts) == "".join(pieces)
+    assert 1 <= len(texts) < len(pieces), texts
+    assert "event: done" in lines
 
 
 # --- pings and the idle limit, end to end ---------------------------------------------------

@@ -64,6 +64,18 @@ class Feed(Generic[T]):
             self._putter.set_result(None)
         return self._items.popleft()
 
+    def take_ready(self, kind: type[T]) -> list[T]:
+        """The items of type `kind` at the head of the feed, taken without waiting: those
+        the producer added while the consumer was busy (an end or an error behind them
+        stays for `get`)."""
+        items = self._items
+        taken: list[T] = []
+        while items and type(items[0]) is kind:
+            taken.append(items.popleft())  # type: ignore[arg-type]
+        if taken and self._putter is not None and not self._putter.done():
+            self._putter.set_result(None)
+        return taken
+
     def close(self) -> None:
         self._timer.cancel()
 

@@ -483,11 +483,18 @@ class AnswerPipeline:
                         },
                     )
                     return
-                if item.usage:
-                    usage = item.usage
-                if item.finish_reason:
-                    finish_reason = item.finish_reason
-                if item.text:
+                # Deltas already read behind this one go out with it: one event and one
+                # write to the client, not one per token. That happens when the gateway
+                # is behind the generator (under load, where it saves most) or when the
+                # upstream sends several tokens in one write; otherwise nothing is held.
+                text = item.text
+                usage = item.usage or usage
+                finish_reason = item.finish_reason or finish_reason
+                for delta in queue.take_ready(Delta):
+                    text += delta.text
+                    usage = delta.usage or usage
+                    finish_reason = delta.finish_reason or finish_reason
+                if text:
                     now = time.perf_counter()
                     if first:
                         metrics.INTER_TOKEN.observe(now - last)
@@ -498,10 +505,10 @@ class AnswerPipeline:
                         )
                         idle_limit = self.settings.llm_idle_timeout_s
                     last = idle_since = now
-                    parts.append(item.text)
+                    parts.append(text)
                     if len(parts) == 64:  # one string, not a string object per token
                         parts[:] = ["".join(parts)]
-                    yield "token", item.text
+                    yield "token", text
             completed = True
             metrics.STAGE_DURATION.labels("generate").observe(
                 time.perf_counter() - p.started - p.timings["prepare_ms"] / 1000
