@@ -10,11 +10,9 @@ sigmoid to a one-label classifier's logit, and so does `CrossEncoder` by default
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -28,6 +26,7 @@ from ragline_gateway.settings import GatewaySettings
 from ragline_reranker.tiny import build_tiny_cross_encoder
 
 from service_helpers import lower_session_priority
+from vllm_helpers import run
 
 VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 MODEL_NAME = "tiny-ce"
@@ -113,16 +112,6 @@ def client_for(url: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> Reranke
     for name, value in env.items():
         monkeypatch.setenv(f"RAGLINE_GATEWAY_RERANKER_{name.upper()}", value)
     return RerankerClient.from_settings(GatewaySettings(), pool_size=2)
-
-
-def run(client: RerankerClient, call: Any) -> Any:
-    async def go() -> Any:
-        try:
-            return await call
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
 
 
 def best_first(scores: list[float]) -> list[int]:

@@ -38,7 +38,13 @@ from ragline_gateway.settings import GatewaySettings
 from service_helpers import assert_error, gateway_env, metric, poll, running_service
 from sse_client import read_events
 from tiny_models import EOS
-from vllm_helpers import requires_vllm, stock_vllm, stop_point, tiny_llama_fixture  # noqa: F401
+from vllm_helpers import (  # noqa: F401
+    requires_vllm,
+    run,
+    stock_vllm,
+    stop_point,
+    tiny_llama_fixture,
+)
 
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 4096
@@ -322,16 +328,6 @@ def has_content(line: str) -> bool:
         return False
     chunk = orjson.loads(line[len("data: ") :])
     return bool(chunk["choices"] and chunk["choices"][0]["delta"].get("content"))
-
-
-def run(client: LlmClient, call: Any) -> Any:
-    async def go() -> Any:
-        try:
-            return await call
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
 
 
 @pytest.mark.slow

@@ -7,10 +7,12 @@ are module-scoped, and pytest runs the modules one after another.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 
@@ -85,3 +87,20 @@ def stop_point(text: str) -> int:
         for i in range(4, len(text) - 2)
         if text[i : i + 2].isalnum() and text.find(text[i : i + 2]) == i
     )
+
+
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+def run(client: Closable, call: Awaitable[Any]) -> Any:
+    """`call` (a gateway client's coroutine) on a loop of its own, the client closed after:
+    its pool belongs to that loop."""
+
+    async def go() -> Any:
+        try:
+            return await call
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
