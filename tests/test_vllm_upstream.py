@@ -55,6 +55,16 @@ GATEWAY_MAX_TOKENS = 24
 LONG = 4000
 MESSAGES = [{"role": "user", "content": "What do tardigrades survive?"}]
 QUESTION = "How long does a sourdough starter take to double (asked of vllm serve)?"
+# The answers' passages come from a collection of this module's own, so that the prompt
+# (and what the tiny model makes of it) does not depend on what other tests left in the
+# session stack: on the shared default collection a CI run of the same test on llm-svc
+# once got an answer without a single token.
+COLLECTION = "stock_vllm"
+STARTER = {
+    "id": "starter.md",
+    "title": "Sourdough",
+    "text": "# Feeding\n\nA fed sourdough starter doubles in four to eight hours.",
+}
 
 
 # --- vLLM's error bodies in ragline's envelope (no server needed) ----------------------
@@ -257,6 +267,12 @@ def gateway(stack: Stack, vllm: str, logs: Path) -> Iterator[str]:
     if not stack.config.has_redis:
         env["RAGLINE_GATEWAY_REDIS_URL"] = ""
     with running_service("gateway-stock-vllm", "ragline_gateway", env, logs) as svc:
+        ingested = httpx.post(
+            f"{svc.url}/api/collections/{COLLECTION}/documents",
+            json={"documents": [STARTER]},
+            timeout=120,
+        )
+        assert ingested.status_code == 200, ingested.text
         yield svc.url
 
 
@@ -357,7 +373,7 @@ class TestGatewayOnStockVllm:
         with httpx.stream(
             "POST",
             f"{url}/api/chat",
-            json={"message": QUESTION},
+            json={"message": QUESTION, "collection": COLLECTION},
             headers={"x-request-id": request_id},
             timeout=120,
         ) as r:
@@ -389,6 +405,8 @@ class TestGatewayOnStockVllm:
                 messages=[{"role": "user", "content": QUESTION}],
                 stream=True,
                 max_tokens=8,
+                logit_bias=no_eos,
+                extra_body={"collection": COLLECTION},
             )
         )
         assert chunks[0].model_extra and chunks[0].model_extra["sources"]
