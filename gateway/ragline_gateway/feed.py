@@ -5,7 +5,7 @@ take, `get` returns QUIET (the answer sends `: ping` or gives up on an idle gene
 The reader task exists so that this waiting never cancels a read inside httpx's stream.
 
 Not `asyncio.Queue` with a timeout around each `get`: both are paid once per token for
-every open answer. Here a token costs a deque append and pop and, when the writer is
+every open answer. Here a token costs a list append and pop and, when the writer is
 waiting, one future; the silence check is one timer per answer that fires only every
 `quiet_after` seconds. (On Python 3.11 `asyncio.Queue` also looks up the running loop on
 each wait, which is a getpid() system call; docs/benchmarks.md has the profile.)
@@ -14,7 +14,6 @@ each wait, which is a getpid() system call; docs/benchmarks.md has the profile.)
 from __future__ import annotations
 
 import asyncio
-import collections
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -32,7 +31,9 @@ class Feed(Generic[T]):
 
     def __init__(self, maxsize: int, quiet_after: float) -> None:
         self._loop = asyncio.get_running_loop()
-        self._items: collections.deque[T | Quiet] = collections.deque()
+        # A list, not a deque: it holds a token or two at a time (up to `maxsize` when
+        # the writer falls behind), and an empty deque is a 760-byte block per stream.
+        self._items: list[T | Quiet] = []
         self._maxsize = maxsize
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
@@ -62,7 +63,7 @@ class Feed(Generic[T]):
         self._taken_at = self._loop.time()
         if self._putter is not None and not self._putter.done():
             self._putter.set_result(None)
-        return self._items.popleft()
+        return self._items.pop(0)
 
     def take_ready(self, kind: type[T]) -> list[T]:
         """The items of type `kind` at the head of the feed, taken without waiting: those
@@ -71,7 +72,7 @@ class Feed(Generic[T]):
         items = self._items
         taken: list[T] = []
         while items and type(items[0]) is kind:
-            taken.append(items.popleft())  # type: ignore[arg-type]
+            taken.append(items.pop(0))  # type: ignore[arg-type]
         if taken and self._putter is not None and not self._putter.done():
             self._putter.set_result(None)
         return taken

@@ -136,6 +136,10 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
     the returned class as its HTTP protocol.
     """
 
+    # Slots: six more attributes in the instance dict would take uvicorn's protocol past
+    # CPython's shared-key dict limit, 296 bytes to 1.5 KiB per connection.
+    __slots__ = ("_dropped", "_head_bytes", "_head_open", "_linger", "_messages", "_refusal")
+
     max_header_bytes = 64 * 1024
     max_header_count = 100
     linger_s = 2.0
@@ -143,7 +147,7 @@ class HeaderLimitedProtocol(HttpToolsProtocol):
 
     @classmethod
     def configured(cls, max_bytes: int, max_count: int) -> type[HeaderLimitedProtocol]:
-        limits = {"max_header_bytes": max_bytes, "max_header_count": max_count}
+        limits = {"__slots__": (), "max_header_bytes": max_bytes, "max_header_count": max_count}
         return type(cls.__name__, (cls,), limits)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -428,6 +428,11 @@ class AnswerPipeline:
     async def events(self, p: PreparedAnswer) -> AsyncIterator[Event]:
         yield "meta", {"request_id": request_id_var.get(), "conversation_id": p.conversation_id}
         yield "sources", {"sources": [s.as_dict() for s in p.sources]}
+        if p.cache_key is None and p.question.endpoint == "api_chat":
+            # Sent, and read by nothing else on this endpoint (the OpenAI one annotates
+            # citations from them, the cache stores them): the passages' texts need not
+            # be held for the whole stream.
+            p.sources = []
         if p.cached is not None:
             async for event in self._replay(p, p.cached):
                 yield event
@@ -506,7 +511,7 @@ class AnswerPipeline:
                         idle_limit = self.settings.llm_idle_timeout_s
                     last = idle_since = now
                     parts.append(text)
-                    if len(parts) == 64:  # one string, not a string object per token
+                    if len(parts) == 16:  # one string, not a string object per token
                         parts[:] = ["".join(parts)]
                     yield "token", text
             completed = True
