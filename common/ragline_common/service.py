@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from prometheus_fastapi_instrumentator import Instrumentator
 from pydantic import SecretStr
 from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 from uvicorn.config import STARTUP_FAILURE
 
 from ragline_common.errors import error_response, install_error_handlers
@@ -242,12 +243,21 @@ class MetricsServer:
             await self.server.shutdown()
 
 
-def serve(app: FastAPI, *, service: str, settings: ServiceSettings, **options: Any) -> None:
-    """`options`: uvicorn.Config settings over these (the gateway's: an HTTP protocol that
-    bounds request heads, and the proxies whose X-Forwarded-For it believes)."""
+def serve(
+    app: FastAPI,
+    *,
+    service: str,
+    settings: ServiceSettings,
+    outer: Callable[[ASGIApp], ASGIApp] | None = None,
+    **options: Any,
+) -> None:
+    """`outer`: a layer around the app, outside its middleware (the gateway's:
+    StreamAfterChain). `options`: uvicorn.Config settings over these (the gateway's: an
+    HTTP protocol that bounds request heads, and the proxies whose X-Forwarded-For it
+    believes)."""
     configure_logging(service, settings.log_level)
     config = uvicorn.Config(
-        app,
+        app if outer is None else outer(app),
         **{
             "host": settings.host,
             "port": settings.port,

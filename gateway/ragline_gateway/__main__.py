@@ -1,6 +1,7 @@
 """`python -m ragline_gateway` serves the gateway with settings from the environment."""
 
 from ragline_common.logs import configure_logging
+from ragline_common.middleware import StreamAfterChain
 from ragline_common.service import serve
 from ragline_gateway.app import build_app
 from ragline_gateway.hardening import HeaderLimitedProtocol
@@ -19,10 +20,12 @@ def main() -> None:
         settings.max_header_bytes, settings.max_header_count
     )
     # X-Forwarded-For names the client only when the peer is a trusted proxy (auth.py).
+    # Answers stream after the middleware chain has returned (less memory per open one).
     serve(
         app,
         service="gateway",
         settings=settings,
+        outer=StreamAfterChain,
         http=protocol,
         forwarded_allow_ips=settings.trusted_proxies,
     )

@@ -19,6 +19,7 @@ become one ("[", "[1", a space before it) waits for the next token.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,9 +28,11 @@ from typing import Any
 import anyio
 import orjson
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ragline_common.errors import ApiError
+from ragline_common.logs import request_id_var, tenant_var
+from ragline_common.middleware import STREAM_SLOT, StreamSlot
 from ragline_gateway.citations import CitationFilter, drop_unknown_citations, url_citations
 from ragline_gateway.openwebui import source_event
 from ragline_gateway.pipeline import Event, PreparedAnswer
@@ -40,18 +43,76 @@ PING = b": ping\n\n"
 
 class AnswerResponse(StreamingResponse):
     """A streaming response that always runs `on_close`, even when the client left before
-    the body was started (the upstream stream and the admission ticket are released)."""
+    the body was started (the upstream stream and the admission ticket are released).
+
+    Served behind `StreamAfterChain` (ragline_common.middleware; the gateway's process
+    is), it sends only its head through the middleware chain and streams its body once
+    the chain has returned (`stream_body`), so that an open answer does not hold the
+    chain's objects. Elsewhere (an app called directly) it streams as Starlette's does.
+    """
 
     def __init__(
         self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]
     ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
         self.on_close = on_close
+        self._context = ("", "")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        slot: StreamSlot | None = scope.get(STREAM_SLOT)
+        if slot is None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.on_close()
+            return
+        slot.response = self
+        self._context = (request_id_var.get(), tenant_var.get())
+        head = {"type": "http.response.start", "status": self.status_code,
+                "headers": self.raw_headers}  # fmt: skip
         try:
-            await super().__call__(scope, receive, send)
+            await send(head)  # through the chain, which adds its headers; kept by the slot
+        except BaseException:
+            slot.response = None
+            with anyio.CancelScope(shield=True):
+                await self.on_close()
+            raise
+
+    async def stream_body(self, head: Message, send: Send, receive: Receive) -> None:
+        """The head and the body, straight to the server. A client that leaves cancels
+        the stream (its generation is aborted by `on_close`), as Starlette's task group
+        does, here with one listener task and no task group."""
+        request_id_var.set(self._context[0])  # for the log lines of the answer's end
+        tenant_var.set(self._context[1])
+        task = asyncio.current_task()
+        assert task is not None
+        gone = streaming = False
+
+        async def listen() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            if streaming:  # else the body has ended: nothing left to stop
+                task.cancel()
+
+        listener = asyncio.get_running_loop().create_task(listen())
+        try:
+            streaming = True
+            try:
+                await send(head)
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            finally:
+                streaming = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()  # the client left: this request ends normally
         finally:
+            listener.cancel()
             with anyio.CancelScope(shield=True):
                 await self.on_close()
 
