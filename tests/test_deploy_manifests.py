@@ -179,6 +179,25 @@ def test_every_container_has_requests_limits_and_probes(
                 assert probe in c, f"{where}: no {probe}"
 
 
+def test_the_gateway_is_one_worker_per_pod_on_one_core(
+    objects: tuple[dict[str, Any], ...],
+) -> None:
+    """One event loop per pod, scaled by pods (docs/deploying.md, "Scaling"): its limit is
+    the one core it can use, and the HPA scales out before the loop's added delay grows
+    (60 % of the request; docs/benchmarks.md, "a second worker"). The base requests that
+    core; the small `cpu` overlay requests less, to fit a laptop cluster."""
+    gateway = workload(objects, "gateway")
+    (c,) = containers(gateway)
+    assert "command" not in c and "--workers" not in " ".join(c.get("args", []))
+    assert str(c["resources"]["limits"]["cpu"]) == "1"
+    (metric,) = _hpas(objects)["gateway"]["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["averageUtilization"] <= 60
+    base = render(K8S / "base")
+    (base_gateway,) = containers(workload(base, "gateway"))
+    assert str(base_gateway["resources"]["requests"]["cpu"]) == "1"
+
+
 def test_every_container_is_hardened(objects: tuple[dict[str, Any], ...]) -> None:
     names = {w["metadata"]["name"] for w in workloads(objects)}
     # Only ragline's pods and the known try-it stores: a new workload must be listed.
