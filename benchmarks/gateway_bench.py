@@ -298,6 +298,21 @@ class BenchStack:
 
     def restart(self, name: str, env: dict[str, str]) -> None:
         self.stack.restart(name, env)
+        if name in ("llm", "retriever", "reranker"):
+            self.wait_gateway_sees_up(name)
+
+    def wait_gateway_sees_up(self, upstream: str, within: float = 30.0) -> None:
+        """Until the gateway's health watch counts `upstream` up again. A restart that
+        outlasts its probes (three missed, on a busy machine) leaves the upstream marked
+        down, and the gateway fails its requests fast until the next probe is answered:
+        measuring in that window would count 503s that no steady state has."""
+        url = f"http://127.0.0.1:{self.config.gateway_port}/metrics"
+        line = f'ragline_upstream_up{{upstream="{upstream}"}} 1.0'
+        deadline = time.monotonic() + within
+        while line not in httpx.get(url, timeout=5).text.splitlines():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not see {upstream} up within {within} s")
+            time.sleep(0.1)
 
     def fixed_engine(self, tokens: int, interval_ms: float) -> None:
         if self.engine == (tokens, interval_ms):
